@@ -1,0 +1,65 @@
+"""Shared fixtures: the ../shared data (skip when absent), small varied-output U-Nets, one local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unet import UNet
+
+SHARED = Path(os.environ.get("WSI_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared/data, or skip the test with the reason."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"test data {path} not found (needs ../shared beside the checkout, or WSI_TEST_DATA)")
+    return path
+
+
+def varied_unet(seed: int = 0, num_classes: int = 3, **config) -> UNet:
+    """A Kaiming-initialised U-Net whose argmax really varies over an image.
+
+    Random nets put almost every pixel in one class because the logits share a large offset; setting
+    the output bias to minus the mean logit per class (measured on a random image) removes it.
+    """
+    torch.manual_seed(seed)
+    config = {"base_channels": 4, "depth": 3, **config}
+    model = UNet(num_classes=num_classes, **config).eval()
+    size = model.input_size_for(model.valid_output_size(64)) if model.is_valid_padding else 64
+    image = torch.rand(1, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        mean = model(image).mean(dim=(0, 2, 3))
+        model.outc.bias -= mean
+    return model
+
+
+@pytest.fixture
+def model() -> UNet:
+    return varied_unet()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance on loopback for the whole session, shut down at the end."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
+        )  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+def random_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """Smooth-ish random uint8 image (noise plus gradients) so outputs vary at several scales."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 127 + 60 * np.sin(yy / 7.0)[..., None] * np.cos(xx / 11.0)[..., None]
+    return np.clip(base + rng.normal(0, 40, (height, width, channels)), 0, 255).astype(np.uint8)

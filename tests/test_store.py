@@ -1,0 +1,107 @@
+"""The OME-Zarr output: layout, metadata, readers, one writer per chunk, overwrite and resume rules."""
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from conftest import random_image, varied_unet
+from pipeline import OutputExistsError, open_labels, segment_slide, tile_grid_for_model
+from pipeline.engine import plan_slide
+from pipeline.store import TILE_DONE, pyramid_shapes
+
+
+@pytest.fixture
+def result_path(tmp_path):
+    path = tmp_path / "slide.zarr"
+    segment_slide(random_image(700, 520), path, varied_unet(), tile_size=128, probabilities=True, mpp=0.5)
+    return path
+
+
+def test_store_opens_with_ome_zarr_reader_and_dask(result_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    node = next(iter(Reader(parse_url(result_path / "labels" / "segmentation"))()))
+    assert any(isinstance(spec, Label) for spec in node.specs)
+    assert any(isinstance(spec, Multiscales) for spec in node.specs)
+    assert [tuple(d.shape) for d in node.data] == [(700, 520), (350, 260), (175, 130), (88, 65)]
+    labels = da.from_zarr(str(result_path / "labels" / "segmentation" / "0"))
+    assert labels.shape == (700, 520) and labels.dtype == np.uint8
+    assert (labels[::2, ::2].compute() == open_labels(result_path, 1)[...]).all()
+
+
+def test_metadata_has_physical_scale_classes_and_provenance(result_path):
+    root = zarr.open_group(str(result_path), mode="r")
+    ome = dict(root["labels/segmentation"].attrs["ome"])
+    datasets = ome["multiscales"][0]["datasets"]
+    assert datasets[0]["coordinateTransformations"][0]["scale"] == [0.5, 0.5]
+    assert datasets[1]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
+    assert ome["multiscales"][0]["axes"][0]["unit"] == "micrometer"
+    assert [p["label-value"] for p in ome["image-label"]["properties"]] == [0, 1, 2]
+    assert dict(root["labels"].attrs["ome"])["labels"] == ["segmentation"]
+    info = dict(root.attrs["wsi_unet"])
+    assert info["status"] == "complete" and info["halo"] == 44 and info["tile_size"] == 128
+    assert info["model_config"]["depth"] == 3 and "torch" in info["software"]
+    json.dumps(info)
+
+
+def test_probabilities_are_stored_per_class_and_agree_with_labels(result_path):
+    probs = zarr.open_array(str(result_path / "probabilities" / "0"), mode="r")[...]
+    labels = open_labels(result_path)[...]
+    assert probs.shape == (3, 700, 520) and probs.dtype == np.uint8
+    assert (np.abs(probs.astype(int).sum(0) - 255) <= 2).all()
+    agree = probs.argmax(0) == labels
+    assert agree.mean() > 0.99  # only 8-bit rounding ties may differ
+
+
+def test_every_chunk_is_covered_by_exactly_one_tile():
+    model = varied_unet()
+    plan_grid = tile_grid_for_model(model, (1000, 700), 256, chunk=128)
+    writers = np.zeros((8, 6), dtype=int)
+    for tile in plan_grid:
+        y0, x0, y1, x1 = tile.box
+        assert y0 % 128 == 0 and x0 % 128 == 0
+        assert (y1 - y0) % 128 == 0 or y1 == 1000
+        writers[y0 // 128 : -(-y1 // 128), x0 // 128 : -(-x1 // 128)] += 1
+    assert (writers == 1).all()
+
+
+def test_existing_output_is_never_silently_overwritten(result_path):
+    before = open_labels(result_path)[...].copy()
+    with pytest.raises(OutputExistsError, match="slide.zarr: output exists.*overwrite"):
+        segment_slide(random_image(700, 520, seed=9), result_path, varied_unet(), tile_size=128)
+    assert (open_labels(result_path)[...] == before).all()
+    segment_slide(random_image(700, 520, seed=9), result_path, varied_unet(), tile_size=128, overwrite=True)
+    assert not (open_labels(result_path)[...] == before).all()
+
+
+def test_interrupted_store_is_not_complete_and_resume_finishes_it_identically(tmp_path):
+    model, image = varied_unet(), random_image(300, 400, seed=4)
+    reference = tmp_path / "ref.zarr"
+    segment_slide(image, reference, model, tile_size=64)
+    partial = tmp_path / "partial.zarr"
+    plan = plan_slide(image, partial, model, tile_size=64)
+    from pipeline.engine import read_windows
+    from pipeline.predict import TilePredictor
+
+    predictor = TilePredictor.for_grid(model, plan.grid, device="cpu")
+    first = plan.tiles[:7]  # a "crash" after 7 tiles
+    for tile, labels in zip(first, predictor(read_windows(plan.slide, plan.grid, first))["labels"]):
+        plan.store.write_tile(tile, labels)
+    assert dict(zarr.open_group(str(partial), mode="r").attrs["wsi_unet"])["status"] == "running"
+    with pytest.raises(OutputExistsError, match="resume"):
+        segment_slide(image, partial, model, tile_size=64)
+    result = segment_slide(image, partial, model, tile_size=64, resume=True)
+    assert result.tiles_run == result.tiles_total - 7
+    assert (plan.store.tile_states() == TILE_DONE).all()
+    assert (open_labels(partial)[...] == open_labels(reference)[...]).all()
+    with pytest.raises(OutputExistsError, match="other settings.*tile_size"):
+        segment_slide(image, partial, model, tile_size=128, resume=True)
+
+
+def test_pyramid_stops_when_a_level_fits_one_chunk():
+    assert pyramid_shapes((700, 520), 128) == [(700, 520), (350, 260), (175, 130), (88, 65)]
+    assert pyramid_shapes((16, 16), 64) == [(16, 16)]
