@@ -19,6 +19,7 @@ import torch
 
 from pipeline.geometry import Tile, TileGrid, tile_grid_for_model
 from pipeline.predict import TilePredictor
+from pipeline.resolution import open_for_segmentation
 from pipeline.slide import SlideSource, open_slide
 from pipeline.store import TILE_PENDING, OutputStore, create_output_store
 
@@ -109,7 +110,8 @@ def plan_slide(
     model: torch.nn.Module,
     *,
     tile_size: int = 256,
-    level: int = 0,
+    level: int | None = None,
+    target_mpp: float | None = None,
     chunk: int | None = None,
     mpp: float | None = None,
     probabilities: bool = False,
@@ -118,7 +120,7 @@ def plan_slide(
     tissue_mask: Any = None,
 ) -> SlidePlan:
     """Open the slide, lay out the tiles and create (or reopen) the output store."""
-    slide = open_slide(source, level, mpp)
+    slide = open_for_segmentation(source, level, target_mpp, mpp)
     in_channels = model.config.in_channels
     if slide.shape[2] != in_channels:
         raise ValueError(
@@ -158,9 +160,10 @@ def segment_slide(
     out_path: str | Path,
     model: torch.nn.Module | str | Path,
     tile_size: int = 256,
-    level: int = 0,
+    level: int | None = None,
     batch_size: int = 4,
     *,
+    target_mpp: float | None = None,
     chunk: int | None = None,
     mpp: float | None = None,
     device: str = "auto",
@@ -175,14 +178,15 @@ def segment_slide(
 
     ``source``: a slide path (OpenSlide formats, TIFF, Zarr) or an (H, W[, C]) uint8 array.
     ``model``: a :class:`unet.UNet` or the path of a saved artifact. ``tile_size``: output side per tile,
-    a multiple of the model's alignment (``chunk``, the Zarr chunk, defaults to it). ``amp``: None (float32),
+    a multiple of the model's alignment (``chunk``, the Zarr chunk, defaults to it). ``level``: the pyramid
+    level (default 0), or ``target_mpp``: segment at that µm/px (best level, resampled if needed). ``amp``: None (float32),
     "bf16", "fp16" or "auto". Opt-in: ``resume`` (finish an interrupted store), ``tissue_mask`` (True to
     detect tissue, or a boolean mask image; tiles without tissue are not read and stay background).
     """
     started = time.perf_counter()
     model = resolve_model(model)
     plan = plan_slide(
-        source, out_path, model, tile_size=tile_size, level=level, chunk=chunk, mpp=mpp,
+        source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
         probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
     )  # fmt: skip
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=probabilities)

@@ -73,6 +73,11 @@ class SlideSource:
     def size(self) -> tuple[int, int]:
         return self.shape[0], self.shape[1]
 
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """A low-resolution RGB view of the whole level (longer side <= max_side), by striding."""
+        step = max(1, -(-max(self.size) // max_side))
+        return np.asarray(self.to_dask(chunk=max(step * 256, 2048))[::step, ::step].compute())
+
 
 def read_window(array: Any, y: int, x: int, size: int) -> np.ndarray:
     """Mirrored window from any (H, W[, C]) array-like supporting 2-D slicing (source, numpy, zarr, dask).
@@ -151,6 +156,15 @@ class OpenSlideSource(SlideSource):
 
     def _handle(self):
         return _openslide_handle(self.path)
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """From the slide's own pyramid (OpenSlide picks the best level), not by reading level 0."""
+        height, width = self.size
+        scale = max_side / max(height, width)
+        if scale >= 1:
+            return self.read(0, height, 0, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return composite_on_white(np.asarray(self._handle().get_thumbnail(size).convert("RGBA")))
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         origin = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))

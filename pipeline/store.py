@@ -70,6 +70,16 @@ class OutputStore:
     def set_state(self, tile: Tile, state: int) -> None:
         zarr.open_array(f"{self.path}/tiles/state", mode="r+")[tile.row, tile.col] = state
 
+    def mark_skipped(self, tiles: list[Tile]) -> None:
+        """Record background tiles in one write; called by the driver before any worker starts."""
+        if not tiles:
+            return
+        array = zarr.open_array(f"{self.path}/tiles/state", mode="r+")
+        states = array[...]
+        for tile in tiles:
+            states[tile.row, tile.col] = TILE_SKIPPED
+        array[...] = states
+
     def tile_states(self) -> np.ndarray:
         return zarr.open_array(f"{self.path}/tiles/state", mode="r")[...]
 

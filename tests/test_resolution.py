@@ -1,0 +1,47 @@
+"""Resolution by µm/px: level choice, resampling that keeps tiling exact, slides without µm/px."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from conftest import random_image, shared_file, varied_unet
+from pipeline import open_slide, segment_slide, tiled_logits, whole_image_logits
+from pipeline.resolution import ResampledSource, level_for_mpp, open_at_mpp, open_for_segmentation
+
+
+def test_level_whose_mpp_is_closest_at_or_below_the_target():
+    mpps = [0.25, 0.5, 1.0, 2.0]
+    assert level_for_mpp(mpps, 0.6) == 1
+    assert level_for_mpp(mpps, 1.0) == 2
+    assert level_for_mpp(mpps, 0.1) == 0  # nothing fine enough: the finest there is
+
+
+def test_resampled_view_reads_consistently_and_tiles_exactly():
+    slide = open_at_mpp(shared_file("slides/cmu-1-small-region.svs"), 0.75)
+    assert isinstance(slide, ResampledSource) and slide.mpp == pytest.approx(0.75)
+    assert slide.size == (int(2967 / (0.75 / 0.499)), int(2220 / (0.75 / 0.499)))
+    whole = slide.read(0, slide.size[0], 0, slide.size[1])
+    assert (slide.read(101, 388, 7, 250) == whole[101:388, 7:250]).all()
+    model = varied_unet()
+    assert np.abs(tiled_logits(slide, model, 128) - whole_image_logits(model, whole)).max() <= 1e-4
+
+
+def test_target_within_tolerance_uses_the_level_as_is():
+    slide = open_at_mpp(shared_file("slides/cmu-1-small-region.svs"), 0.5)
+    assert not isinstance(slide, ResampledSource) and slide.level == 0
+
+
+def test_slide_without_mpp_falls_back_to_level_zero_with_a_warning(tmp_path, caplog):
+    image = random_image(80, 80)
+    with caplog.at_level(logging.WARNING):
+        slide = open_for_segmentation(image, target_mpp=0.5)
+    assert slide.size == (80, 80) and "no µm/px metadata" in caplog.text
+    result = segment_slide(image, tmp_path / "o.zarr", varied_unet(), tile_size=64, target_mpp=0.5)
+    assert result.shape == (80, 80)
+
+
+def test_segment_slide_at_target_mpp_records_it(tmp_path):
+    result = segment_slide(open_slide(random_image(120, 100), mpp=0.25), tmp_path / "o.zarr", varied_unet(),
+                           tile_size=32, target_mpp=0.5)  # fmt: skip
+    assert result.shape == (60, 50) and result.mpp == pytest.approx(0.5)
