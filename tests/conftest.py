@@ -47,12 +47,14 @@ def model() -> UNet:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance on loopback for the whole session, shut down at the end."""
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
-        )  # fmt: skip
+    pytest.importorskip("ray")
+    from pipeline.ray_setup import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never attach a test to someone's cluster
+    ray = init_ray(
+        num_cpus=2, log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
+    )  # fmt: skip
     yield ray
     ray.shutdown()
 

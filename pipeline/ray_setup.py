@@ -1,0 +1,48 @@
+"""Starting or joining Ray the same way everywhere (CLI jobs, tests, notebooks).
+
+Joining: ``address`` or ``RAY_ADDRESS`` (set by ``ray job submit`` inside a job) connects to that cluster.
+Otherwise a new local instance is started on loopback only. Two Ray behaviours matter here:
+``ray.init()`` with no address silently attaches to any Ray already running on the machine (so we pass
+``address="local"``), and Ray replaces 127.0.0.1 by the machine's "remotely reachable" IP unless
+single-machine mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), which keeps every port on loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def loopback_only() -> None:
+    """Keep a local Ray instance (and its workers, which inherit the environment) on 127.0.0.1."""
+    os.environ.update(LOOPBACK_ENV)
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+    except ImportError:  # pragma: no cover - layout of a future Ray
+        logger.debug("ray_constants not found; relying on the environment variable")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any):
+    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a private local instance on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        logger.info("joining Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+        return ray
+    loopback_only()
+    ray.init(
+        address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+        **kwargs,
+    )  # fmt: skip
+    return ray
