@@ -128,6 +128,10 @@ def plan_slide(
         )
     chunk = chunk or tile_size
     grid = tile_grid_for_model(model, slide.size, tile_size, chunk)
+    if tissue_mask is not None:
+        from pipeline.tissue_tiles import select_tissue_tiles, slide_tissue_mask
+
+        tissue_mask = slide_tissue_mask(slide, tissue_mask)  # before the store exists: a failed read leaves nothing
     meta = provenance(slide, grid, model, chunk, probabilities)
     store = create_output_store(
         out_path, grid, chunk=chunk, class_names=class_names_of(model), mpp=slide.mpp, provenance=meta,
@@ -138,8 +142,6 @@ def plan_slide(
     already_done = len(grid) - len(pending)
     skipped = 0
     if tissue_mask is not None:
-        from pipeline.tissue_tiles import select_tissue_tiles
-
         pending, skipped_tiles = select_tissue_tiles(slide, grid, pending, tissue_mask, store)
         skipped = len(skipped_tiles)
     return SlidePlan(slide, grid, store, pending, skipped, already_done)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -29,20 +30,27 @@ def loopback_only() -> None:
         logger.debug("ray_constants not found; relying on the environment variable")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any):
-    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a private local instance on 127.0.0.1."""
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, repo_root: str | Path | None = None, **kwargs: Any
+):
+    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a private local instance on 127.0.0.1.
+
+    ``repo_root`` goes on the workers' PYTHONPATH unless the job already ships a working_dir
+    (``ray job submit --working-dir .``), so workers import the same ``pipeline`` and ``unet``.
+    """
     import ray
 
     if ray.is_initialized():
         return ray
+    kwargs.setdefault("log_to_driver", False)
+    if repo_root is not None and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ and "runtime_env" not in kwargs:
+        paths = [str(repo_root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         logger.info("joining Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
         return ray
     loopback_only()
-    ray.init(
-        address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-        **kwargs,
-    )  # fmt: skip
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
     return ray

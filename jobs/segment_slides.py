@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Segment whole-slide images with a U-Net on Ray and write one OME-Zarr mosaic per slide.
+
+    python jobs/segment_slides.py                      # demo: synthetic slide, bundled model, prints its Dice
+    python jobs/segment_slides.py SLIDES|DIRS|GLOBS ... --out DIR [--model ARTIFACT] [options]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/segment_slides.py ...
+
+Each slide gives DIR/<slide stem>.zarr; a per-slide table is printed and DIR/run-report.json written.
+A slide that cannot be found, opened, read or written is reported on one line and the others still run;
+the exit status is 1 if any slide failed (2 for usage errors). The logic lives in ``pipeline``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
+
+DEFAULT_MODEL = REPO_ROOT / "models" / "nuclei-unet.pt"
+logger = logging.getLogger("segment_slides")
+
+
+def usage_error(message: str) -> None:
+    """Stop before any slide runs (bad model, options or --tissue-mask): message on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segment_slides.py",
+        description="Segment whole-slide images with a U-Net on Ray (exact overlap-tile inference) and write "
+        "one OME-Zarr mosaic per slide to DIR/<slide stem>.zarr, a summary table and DIR/run-report.json.",
+    )
+    add = parser.add_argument
+    # fmt: off
+    add("slides", nargs="*", metavar="SLIDES",
+        help="slide files, directories (their .svs .tif .tiff .ndpi .mrxs .scn .vms .vmu .bif .svslide .zarr "
+        "files, not recursive) or quoted glob patterns ('slides/**/*.svs')")
+    add("--out", metavar="DIR",
+        help="output folder (created if missing); required with slides (no slides: the demo, default demo/)")
+    add("--model", metavar="ARTIFACT", default=None,
+        help="model artifact written by unet.save_model "
+        f"(default: {DEFAULT_MODEL.relative_to(REPO_ROOT)} if present)")
+    resolution = parser.add_mutually_exclusive_group()
+    resolution.add_argument("--level", type=int, default=None, metavar="N",
+                            help="pyramid level to segment (default: the model's training µm/px if known, else 0)")
+    resolution.add_argument("--mpp", type=float, default=None, metavar="X",
+                            help="segment at X µm/px: the level closest at or below X, resampled when it is off "
+                            "by more than 5%%; slides without µm/px metadata fall back to level 0 with a warning")
+    add("--tile-size", type=int, default=256, metavar="T",
+        help="output tile side in pixels, a multiple of the model's alignment 2**depth (default: %(default)s)")
+    add("--batch-size", type=int, default=4, metavar="B",
+        help="tiles per forward pass on each actor (default: %(default)s)")
+    add("--actors", type=int, default=1, metavar="N",
+        help="model actors, each holding one copy of the model (default: %(default)s)")
+    add("--gpus-per-actor", type=float, default=0.0, metavar="G",
+        help="GPUs per actor; 0 runs the actors on CPU, a fraction shares a GPU (default: %(default)s)")
+    add("--cpus-per-actor", type=float, default=1.0, metavar="C",
+        help="CPUs per actor, also its torch threads when on CPU (default: %(default)s)")
+    add("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+        help="mixed precision: auto = bf16 on GPU actors and float32 on CPU; off = float32 (default: %(default)s)")
+    add("--compile", action="store_true", help="torch.compile the model in each actor")
+    add("--probabilities", action="store_true", help="also store per-class softmax probabilities (uint8, x255)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--resume", action="store_true",
+                          help="finish interrupted outputs made with the same settings (re-runs only missing tiles)")
+    add("--address", metavar="ADDR", default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS; if neither, start a local Ray on 127.0.0.1)")
+    add("--num-cpus", type=int, default=None, metavar="N",
+        help="CPUs of the local Ray started when no cluster address is given (default: all)")
+    mask = parser.add_mutually_exclusive_group()
+    mask.add_argument("--no-tissue-mask", action="store_true",
+                      help="segment every tile (default: detect tissue and skip empty background tiles)")
+    mask.add_argument("--tissue-mask", metavar="IMAGE", default=None,
+                      help="use this boolean tissue mask image instead of detecting tissue (for a single slide)")
+    add("--no-progress", action="store_true", help="no per-slide progress bars")
+    add("--no-preview", action="store_true", help="no DIR/<slide stem>.png preview (thumbnail with the mask)")
+    # fmt: on
+    return parser
+
+
+def tissue_mask_option(args: argparse.Namespace) -> Any:
+    """None (no masking), True (detect tissue) or the mask image path."""
+    return None if args.no_tissue_mask else (args.tissue_mask or True)
+
+
+def resolve_model_path(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    usage_error(f"no model given and no bundled model at {DEFAULT_MODEL}; pass --model ARTIFACT (a file written "
+                "by unet.save_model)")  # fmt: skip
+
+
+def options_from(args: argparse.Namespace, model: Any):
+    from pipeline.batch import BatchConfig
+    from pipeline.geometry import check_tile_size
+    from pipeline.ray_runner import RayOptions
+
+    check_tile_size(args.tile_size, model.alignment)
+    config = BatchConfig(
+        tile_size=args.tile_size, level=args.level, target_mpp=args.mpp, probabilities=args.probabilities,
+        overwrite=args.overwrite, resume=args.resume, tissue_mask=tissue_mask_option(args),
+        previews=not args.no_preview,
+    )  # fmt: skip
+    options = RayOptions(
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size, amp=None if args.amp == "off" else args.amp, compile=args.compile,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    return config, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.batch import segment_batch
+    from pipeline.ray_runner import one_line
+    from pipeline.report import format_table
+    from unet import load_model
+
+    model_path = resolve_model_path(args)
+    try:
+        model = load_model(model_path)
+        config, options = options_from(args, model)
+    except (OSError, ValueError) as error:
+        usage_error(one_line(error))
+    try:
+        if not args.slides:  # the README's main command: the demo slide, end to end, with its Dice
+            from pipeline.demo import run_demo
+
+            demo = run_demo(args.out or REPO_ROOT / "demo", model, options, num_cpus=args.num_cpus)
+            run = demo.batch
+        else:
+            if not args.out:
+                usage_error("--out DIR is required when slides are given")
+            settings = {"model": str(model_path), "model_checksum": getattr(model, "checksum", None)}
+            run = segment_batch(args.slides, args.out, model, config, options, address=args.address,
+                                num_cpus=args.num_cpus, settings=settings)  # fmt: skip
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print(format_table(run.results))
+    print(f"run report: {run.report}")
+    if not args.slides and demo.dice is not None:
+        print(f"demo: Dice of the nucleus class against the ground truth = {demo.dice:.3f} "
+              f"(slide {demo.slide}, model {model_path.name})")  # fmt: skip
+    if run.failed:
+        print(f"{len(run.failed)} of {len(run.results)} slides failed", file=sys.stderr)
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The Ray executor: many slides' tiles through one Ray Data stream and one shared pool of model actors.
+
+Pipeline (Ray Data, streaming with backpressure, so no slide is ever materialised)::
+
+    from_items(tile descriptors of all slides, round-robin)      {slide, row, col}, a few tiles per block
+      -> map_batches(ReadWindows)            CPU tasks           + window (N, I, I, C) uint8, error
+      -> map_batches(Predict, ActorPool)     model actors        - window + labels[, probabilities]
+      -> map_batches(WriteTiles)             CPU tasks           OutputStore.write_tile per tile, -> error
+      -> driver: iter_batches                per-slide progress; finalize each slide once all its tiles are in
+
+It runs exactly the pieces of :func:`pipeline.engine.segment_slide` (``plan_slide``, ``read_windows``'s
+reader, :class:`TilePredictor`, ``OutputStore.write_tile``), so on CPU in float32 the stores are
+bit-identical, given the same torch thread count (an actor uses ``cpus_per_actor`` threads; other counts
+can round a rare uint8 probability the other way). A tile whose read or write fails is marked with an ``error`` and skipped; its slide is
+reported ``"failed: <reason>"`` and never finalised (``--resume`` later re-runs just its missing tiles),
+while the other slides complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.engine import SegmentResult, SlidePlan, resolve_model
+from pipeline.geometry import tile_grid_for_model
+from pipeline.predict import TilePredictor, resolve_amp
+from pipeline.ray_setup import init_ray
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray run is laid out. ``actors``: size of the model actor pool; ``gpus_per_actor``: 0 runs the
+    actors on CPU (fractions share a GPU); ``cpus_per_actor``: CPUs (and torch threads on CPU) per actor;
+    ``batch_size``: tiles per forward pass; ``amp``: None/"off", "auto", "bf16", "fp16" (see TilePredictor)."""
+
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 4
+    amp: str | None = None
+    compile: bool = False
+    probabilities: bool | None = None  # None: as each plan's store was created; True/False: checked against it
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if self.batch_size < 1 or int(self.batch_size) != self.batch_size:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ValueError("gpus_per_actor and cpus_per_actor must be >= 0")
+        resolve_amp(self.amp, torch.device(self.device))  # reject a bad amp here, not in every actor
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and unet/
+
+
+_RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$", re.MULTILINE)
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error as one short line: the innermost user exception's message when Ray wraps it."""
+    if isinstance(error, BaseException):
+        inner, seen = error, set()
+        while id(inner) not in seen:  # RayTaskError.cause -> UserCodeException.__cause__ -> the user's error
+            seen.add(id(inner))
+            cause = getattr(inner, "cause", None)
+            following = cause if isinstance(cause, BaseException) else inner.__cause__
+            if following is None:
+                break
+            inner = following
+        text = f"{type(inner).__name__}: {inner}" if not isinstance(inner, ValueError) else str(inner)
+        if type(inner).__module__.startswith("ray."):  # cause lost in transit: take it from the remote traceback
+            found = [m for m in _RAISED.findall(str(error)) if not m[0].startswith("ray.") and "UserCode" not in m[0]]
+            text = f"{found[-1][0].rsplit('.', 1)[-1]}: {found[-1][1]}" if found else text
+    else:
+        text = error
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- the three stages
+class ReadWindows:
+    """CPU stage: each tile's mirrored input window; a failed read gives zeros and an ``error``.
+
+    Slide sources are pickled by path and reopen their file handles once per worker process (cached)."""
+
+    def __init__(self, slides: list, grids: list):
+        self.slides, self.grids = slides, grids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        size = self.grids[0].input_size
+        count = len(batch["slide"])
+        channels = self.slides[int(batch["slide"][0])].shape[2] if count else 3
+        windows = np.zeros((count, size, size, channels), dtype=np.uint8)
+        errors = []
+        for k, (s, row, col) in enumerate(zip(batch["slide"], batch["row"], batch["col"])):
+            slide, grid = self.slides[int(s)], self.grids[int(s)]
+            try:
+                windows[k] = slide.read_window(*grid.input_origin(grid.tile(int(row), int(col))), size)
+                errors.append("")
+            except Exception as error:  # one bad slide must not stop the others
+                errors.append(one_line(error))
+        return {**batch, "window": windows, "error": np.array(errors, dtype=object)}
+
+
+class Predict:
+    """Actor stage: ONE TilePredictor per actor (model fetched from the object store once)."""
+
+    def __init__(self, model_ref: Any, grid: Any, device: str, amp: str | None, probabilities: bool,
+                 compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
+        import ray
+
+        model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        if device == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
+        self.probabilities = probabilities
+        self.predictor = TilePredictor.for_grid(
+            model, grid, device=device, amp=amp, probabilities=probabilities, compile=compile, batch_size=batch_size
+        )
+        self.tile_size, self.classes = grid.tile_size, model.num_classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count, t = len(batch["slide"]), self.tile_size
+        ok = np.flatnonzero(np.asarray([not e for e in batch["error"]], dtype=bool))
+        labels = np.zeros((count, t, t), dtype=np.uint8)
+        probs = np.zeros((count, self.classes, t, t), dtype=np.uint8) if self.probabilities else None
+        if len(ok):
+            output = self.predictor(batch["window"][ok])  # fancy indexing copies the read-only view
+            labels[ok] = output["labels"]
+            if probs is not None:
+                probs[ok] = output["probabilities"]
+        result = {key: value for key, value in batch.items() if key != "window"}
+        result["labels"] = labels
+        if probs is not None:
+            result["probabilities"] = probs
+        return result
+
+
+class WriteTiles:
+    """CPU stage: ``OutputStore.write_tile`` per good tile (whole chunks, one writer each, then its state)."""
+
+    def __init__(self, stores: list, grids: list, wants_probabilities: list[bool]):
+        self.stores, self.grids, self.wants = stores, grids, wants_probabilities
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = []
+        for k, (s, row, col, error) in enumerate(zip(batch["slide"], batch["row"], batch["col"], batch["error"])):
+            s = int(s)
+            if not error:
+                try:
+                    probs = batch["probabilities"][k] if self.wants[s] else None
+                    self.stores[s].write_tile(self.grids[s].tile(int(row), int(col)), batch["labels"][k], probs)
+                except Exception as write_error:
+                    error = one_line(write_error)
+            errors.append(error)
+        return {"slide": batch["slide"], "error": np.array(errors, dtype=object)}
+
+
+# --------------------------------------------------------------------------- driver
+def store_has_probabilities(plan: SlidePlan) -> bool:
+    return Path(plan.store.path, "probabilities", "0").exists()
+
+
+def interleave(plans: Sequence[SlidePlan], run: int) -> list[dict[str, int]]:
+    """Tile descriptors of all slides, round-robin in runs of ``run`` tiles, so slides share the pool."""
+    queues = [[{"slide": s, "row": t.row, "col": t.col} for t in plan.tiles] for s, plan in enumerate(plans)]
+    items, offset = [], 0
+    while any(offset < len(q) for q in queues):
+        for queue in queues:
+            items.extend(queue[offset : offset + run])
+        offset += run
+    return items
+
+
+def check_plans(plans: Sequence[SlidePlan], model: torch.nn.Module, probabilities: bool | None = None) -> None:
+    """One actor pool runs one TilePredictor: every slide must share the tile geometry, and it must be the
+    geometry ``model`` needs (the plans were made with this model), with the slides' channel count.
+    ``probabilities``, if given, must match how each store was created."""
+    geometry = {(p.grid.tile_size, p.grid.halo, p.grid.input_size, p.grid.crop) for p in plans}
+    if len(geometry) > 1:
+        raise ValueError(
+            "all slides in one Ray run need the same tile geometry (tile_size, halo, input, crop); "
+            f"got {sorted(geometry)}"
+        )
+    for plan in plans:
+        expected = tile_grid_for_model(model, plan.grid.shape, plan.grid.tile_size)
+        if expected != plan.grid or plan.slide.shape[2] != model.config.in_channels:
+            raise ValueError(
+                f"{plan.slide.name}: planned for another model (grid {plan.grid}); plan it with this model"
+            )
+        if probabilities is not None and store_has_probabilities(plan) != probabilities:
+            raise ValueError(
+                f"{plan.store.path}: store made with probabilities={not probabilities}, run asked for {probabilities}; "
+                "plan the slide with the same setting"
+            )
+
+
+def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: RayOptions):
+    """The lazy Ray Dataset for ``plans``; rows out: {slide, error} per tile."""
+    import ray
+
+    grids = [plan.grid for plan in plans]
+    check_plans(plans, model, options.probabilities)
+    wants = [store_has_probabilities(plan) for plan in plans]
+    items = interleave(plans, options.batch_size)
+    blocks = max(1, math.ceil(len(items) / options.batch_size))  # one read task = one forward batch of windows
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    model_ref = ray.put(model)
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    # Reads are CPU tasks. With GPU actors (or multi-CPU ones) they run beside the forward passes; Ray Data
+    # fuses them into the actors only when both ask for the same resources (1-CPU CPU actors), where
+    # reading in the actor costs no more CPU and saves moving the windows through the object store.
+    ds = ds.map_batches(ReadWindows([p.slide for p in plans], grids), batch_size=None, batch_format="numpy", num_cpus=1)
+    ds = ds.map_batches(
+        Predict,
+        fn_constructor_kwargs=dict(
+            model_ref=model_ref, grid=grids[0], device=options.device, amp=options.amp, probabilities=any(wants),
+            compile=options.compile, batch_size=options.batch_size, threads=max(1, int(options.cpus_per_actor)),
+        ),
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_gpus=options.gpus_per_actor or None,
+        num_cpus=options.cpus_per_actor,
+        batch_size=options.batch_size,
+        batch_format="numpy",
+    )  # fmt: skip
+    return ds.map_batches(WriteTiles([p.store for p in plans], grids, wants), batch_size=None, batch_format="numpy")
+
+
+class _SlideProgress:
+    """Per-slide counters, the tqdm bar and the result once the slide's last tile is in."""
+
+    def __init__(self, plan: SlidePlan, position: int, enabled: bool, started: float):
+        self.plan, self.started = plan, started
+        self.done = self.failed = 0
+        self.error: str | None = None
+        self.result: SegmentResult | None = None
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(plan.tiles), desc=Path(plan.slide.name).stem, unit="tile", position=position)
+
+    @property
+    def pending(self) -> int:
+        return len(self.plan.tiles) - self.done - self.failed
+
+    def update(self, ok: int, errors: list[str]) -> None:
+        self.done += ok
+        self.failed += len(errors)
+        if errors and self.error is None:
+            self.error = errors[0]
+        if self.bar is not None:
+            self.bar.update(ok + len(errors))
+            mpx = self.done * self.plan.grid.tile_size**2 / 1e6
+            self.bar.set_postfix_str(f"{mpx / max(time.perf_counter() - self.started, 1e-9):.2f} Mpx/s")
+
+    def finish(self, pipeline_error: str | None = None) -> SegmentResult:
+        """Finalize the store if every tile is in and none failed; otherwise report the slide failed."""
+        if self.result is not None:
+            return self.result
+        plan = self.plan
+        status = "complete"
+        if self.failed:
+            status = f"failed: {self.failed} of {len(plan.tiles)} tiles failed: {self.error}"
+        elif self.pending:
+            status = f"failed: {pipeline_error or 'the run stopped early'} ({self.pending} tiles not run)"
+        else:
+            try:
+                plan.store.finalize({"tiles_run": len(plan.tiles), "tiles_skipped": plan.skipped})
+            except Exception as error:
+                status = f"failed: finalizing the store: {one_line(error)}"
+        if self.bar is not None:
+            self.bar.close()
+        self.result = SegmentResult(
+            slide=plan.slide.path or plan.slide.name, output=plan.store.path, shape=plan.grid.shape,
+            level=plan.slide.level, mpp=plan.slide.mpp, tiles_total=len(plan.grid), tiles_run=self.done,
+            tiles_skipped=plan.skipped, seconds=time.perf_counter() - self.started, status=status,
+        )  # fmt: skip
+        log = logger.info if status == "complete" else logger.warning
+        log("%s: %s (%d tiles in %.1f s) -> %s", self.result.slide, status, self.done, self.result.seconds,
+            plan.store.path)  # fmt: skip
+        return self.result
+
+
+def segment_slides_ray(
+    plans: Sequence[SlidePlan],
+    model: torch.nn.Module | str | Path,
+    options: RayOptions | None = None,
+    **overrides: Any,
+) -> list[SegmentResult]:
+    """Segment the planned slides (see :func:`pipeline.engine.plan_slide`) on Ray; one result per plan, in order.
+
+    ``model``: the :class:`unet.UNet` the plans were made with, or its artifact path. Options come from
+    ``options`` and/or keyword overrides of its fields (``actors=2, gpus_per_actor=1, batch_size=16``).
+    Each slide is finalized as soon as its last tile is written; a slide with failed tiles gets status
+    ``"failed: <reason>"`` and is left unfinalized (resumable); the others are unaffected. Starts a local
+    Ray on loopback if none is running.
+    """
+    unknown = set(overrides) - {f.name for f in fields(RayOptions)}
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid: {[f.name for f in fields(RayOptions)]}")
+    options = replace(options or RayOptions(), **overrides)
+    started = time.perf_counter()
+    progress = [_SlideProgress(plan, i, options.progress, started) for i, plan in enumerate(plans)]
+    active = [i for i, plan in enumerate(plans) if plan.tiles]
+    pipeline_error = None
+    if active:
+        from ray.data import DataContext
+
+        model = resolve_model(model)
+        chosen = [plans[i] for i in active]
+        check_plans(chosen, model, options.probabilities)
+        init_ray(repo_root=PACKAGE_ROOT)
+        context = DataContext.get_current()
+        saved = context.enable_progress_bars, context.print_on_execution_start
+        context.enable_progress_bars = context.print_on_execution_start = False  # ours are per slide
+        finishing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="finalize")  # pyramids off the stream
+        try:
+            ds = build_dataset(chosen, model, options)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                per_slide: dict[int, list[str]] = {}
+                for s, error in zip(batch["slide"], batch["error"]):
+                    per_slide.setdefault(active[int(s)], []).append(error)
+                for i, outcome in per_slide.items():
+                    errors = [e for e in outcome if e]
+                    progress[i].update(len(outcome) - len(errors), errors)
+                    if progress[i].pending == 0:
+                        finishing.submit(progress[i].finish)
+        except Exception as error:  # pipeline-wide (actor died, predictor error): unfinished slides fail
+            pipeline_error = one_line(error)
+            logger.error("Ray pipeline failed: %s", pipeline_error)
+        finally:
+            finishing.shutdown(wait=True)
+            context.enable_progress_bars, context.print_on_execution_start = saved
+    return [p.finish(pipeline_error) for p in progress]

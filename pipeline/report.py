@@ -1,0 +1,124 @@
+"""Batch bookkeeping for the command line: which inputs are slides, results for slides that never ran,
+the per-slide summary table and the JSON run report (``<out>/run-report.json``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from pipeline.engine import SegmentResult
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".zarr")
+REPORT_NAME = "run-report.json"
+
+
+def is_slide_path(path: Path) -> bool:
+    return path.suffix.lower() in SLIDE_EXTENSIONS
+
+
+def expand_slide_inputs(
+    inputs: Iterable[str], exclude: str | Path | None = None
+) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Turn slide files, directories (their slide files, not recursive) and globs into slide paths.
+
+    ``*.zarr`` directories are slides, not folders to search. Anything under ``exclude`` (the output
+    folder) is left out, so outputs are never taken for inputs. Returns (slides in order without
+    duplicates, [(input, reason)] for inputs that name no slide).
+    """
+    slides: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if excluded is not None and (resolved == excluded or excluded in resolved.parents):
+            return
+        if resolved not in seen:
+            seen.add(resolved)
+            slides.append(path)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and not is_slide_path(path):
+            found = sorted(p for p in path.iterdir() if is_slide_path(p) and not p.name.startswith("."))
+            if not found:
+                problems.append((item, f"{item}: directory holds no slides ({', '.join(SLIDE_EXTENSIONS)})"))
+            for p in found:
+                add(p)
+        elif path.exists():
+            add(path)
+        elif glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if is_slide_path(Path(m)))
+            if not matches:
+                problems.append((item, f"{item}: no slides match this pattern"))
+            for p in matches:
+                add(p)
+        else:
+            problems.append((item, f"{item}: no such slide file or directory; check the path"))
+    return slides, problems
+
+
+def output_path_for(slide: str | Path, out_dir: str | Path) -> Path:
+    """``<out_dir>/<slide stem>.zarr``."""
+    return Path(out_dir) / f"{Path(slide).stem}.zarr"
+
+
+def failed_result(slide: str | Path, output: str | Path, reason: str, level: int = 0) -> SegmentResult:
+    """The result of a slide that could not start (bad path, unopenable, output exists, ...)."""
+    reason = " ".join(str(reason).split())
+    return SegmentResult(
+        slide=str(slide), output=str(output), shape=(0, 0), level=level, mpp=None, tiles_total=0, tiles_run=0,
+        tiles_skipped=0, seconds=0.0, status=reason if reason.startswith("failed") else f"failed: {reason}",
+    )  # fmt: skip
+
+
+def format_table(results: Sequence[SegmentResult]) -> str:
+    """Plain-text table, one row per slide: slide, size (w x h), level, tiles run/skipped, s, Mpx/s, output, status."""
+    header = ("slide", "size", "level", "tiles run/skipped", "seconds", "Mpx/s", "output", "status")
+    rows = [header]
+    for r in results:
+        size = f"{r.shape[1]}x{r.shape[0]}" if r.shape[0] else "-"
+        rows.append((
+            Path(r.slide).name, size, str(r.level), f"{r.tiles_run}/{r.tiles_skipped}", f"{r.seconds:.1f}",
+            f"{r.megapixels_per_second:.2f}", r.output, r.status,
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    lines.insert(1, "-" * (sum(widths) + 2 * len(widths) + len(header[-1])))
+    return "\n".join(lines)
+
+
+def build_run_report(
+    results: Sequence[SegmentResult], settings: dict[str, Any], started: float, finished: float
+) -> dict[str, Any]:
+    complete = sum(r.status == "complete" for r in results)
+    return {
+        "report": "wsi-unet segment_slides run",
+        "started": _iso(started),
+        "finished": _iso(finished),
+        "seconds": round(finished - started, 3),
+        "summary": {"slides": len(results), "complete": complete, "failed": len(results) - complete},
+        "settings": settings,
+        "slides": [r.to_dict() for r in results],
+    }
+
+
+def write_run_report(
+    out_dir: str | Path, results: Sequence[SegmentResult], settings: dict[str, Any], started: float, finished: float
+) -> Path:
+    """Write ``<out_dir>/run-report.json`` atomically and return its path."""
+    path = Path(out_dir) / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(build_run_report(results, settings, started, finished), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _iso(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,270 @@
+"""The Ray executor (pipeline.ray_runner) and the batch CLI (jobs/segment_slides.py).
+
+The Ray path must write stores bit-identical to the in-process reference ``segment_slide`` on CPU in
+float32. Both sides run torch with one intra-op thread (the actors get ``cpus_per_actor=1`` thread): with
+other thread counts a handful of uint8 probabilities can round the other way (labels stay the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import shared_file, varied_unet
+from pipeline.engine import plan_slide, segment_slide
+from pipeline.ray_runner import RayOptions, check_plans, interleave, one_line, segment_slides_ray
+from pipeline.report import expand_slide_inputs, failed_result, format_table, output_path_for
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "jobs" / "segment_slides.py"
+SEED = 3
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return varied_unet(SEED)
+
+
+@pytest.fixture(scope="module")
+def references(model, tmp_path_factory):
+    """segment_slide outputs, one thread: {name: store path} for the slides the Ray tests run."""
+    root = tmp_path_factory.mktemp("reference")
+    slides = {
+        "cmu": (shared_file("slides/cmu-1-small-region.svs"), 0, True),
+        "small": (shared_file("slides/small-16px.svs"), 0, False),
+        "boxes": (shared_file("slides/boxes-generic.tiff"), 1, False),
+    }
+    out = {}
+    with torch_threads(1):
+        for name, (path, level, probabilities) in slides.items():
+            out[name] = root / f"{name}.zarr"
+            segment_slide(path, out[name], model, tile_size=256, level=level, probabilities=probabilities)
+    return out
+
+
+def status_of(path) -> str:
+    return zarr.open_group(str(path), mode="r").attrs["wsi_unet"]["status"]
+
+
+def assert_same_store(actual, expected, probabilities: bool = False) -> None:
+    assert status_of(actual) == "complete"
+    level = 0
+    while Path(expected, "labels", "segmentation", str(level)).exists():
+        a = zarr.open_array(f"{actual}/labels/segmentation/{level}", mode="r")[...]
+        e = zarr.open_array(f"{expected}/labels/segmentation/{level}", mode="r")[...]
+        assert a.dtype == e.dtype and np.array_equal(a, e), f"labels level {level} differ"
+        level += 1
+    assert level >= 1
+    for array in ("tiles/state",) + (("probabilities/0",) if probabilities else ()):
+        a = zarr.open_array(f"{actual}/{array}", mode="r")[...]
+        assert np.array_equal(a, zarr.open_array(f"{expected}/{array}", mode="r")[...]), f"{array} differs"
+
+
+# --------------------------------------------------------------------------- Ray path == reference
+def test_ray_matches_segment_slide_on_real_slide(ray_local, model, references, tmp_path):
+    labels = zarr.open_array(f"{references['cmu']}/labels/segmentation/0", mode="r")[...]
+    assert (np.bincount(labels.ravel(), minlength=3) > 0.01 * labels.size).sum() >= 2, "near-constant output"
+    plan = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256,
+                      probabilities=True)  # fmt: skip
+    [result] = segment_slides_ray([plan], model, actors=1, batch_size=4, progress=False)
+    assert result.status == "complete", result.status
+    assert result.tiles_run == result.tiles_total == len(plan.grid) == 108
+    assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
+
+
+def test_several_slides_share_one_pool(ray_local, model, references, tmp_path):
+    plans = [
+        plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256),
+        plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "small.zarr", model, tile_size=256),
+        plan_slide(shared_file("slides/boxes-generic.tiff"), tmp_path / "boxes.zarr", model, tile_size=256, level=1),
+    ]
+    results = segment_slides_ray(plans, model, RayOptions(actors=1, batch_size=3, progress=True))
+    assert [r.status for r in results] == ["complete"] * 3
+    assert [r.output for r in results] == [str(tmp_path / f"{n}.zarr") for n in ("cmu", "small", "boxes")]
+    assert results[2].level == 1 and results[2].shape == (125, 150)
+    for name in ("cmu", "small", "boxes"):
+        assert_same_store(tmp_path / f"{name}.zarr", references[name])
+
+
+def test_bad_slide_fails_alone(ray_local, model, references, tmp_path):
+    plans = [
+        plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "small.zarr", model, tile_size=256),
+        plan_slide(shared_file("slides/bad/unreadable.svs"), tmp_path / "bad.zarr", model, tile_size=256),
+        plan_slide(shared_file("slides/boxes-generic.tiff"), tmp_path / "boxes.zarr", model, tile_size=256, level=1),
+        plan_slide(shared_file("slides/boxes-generic.tiff"), tmp_path / "gone.zarr", model, tile_size=256),
+    ]
+    shutil.rmtree(tmp_path / "gone.zarr")  # its writes fail
+    good, bad, boxes, gone = segment_slides_ray(plans, model, progress=False)
+    assert gone.status.startswith("failed: 2 of 2 tiles failed: ") and "\n" not in gone.status, gone.status
+    assert bad.status.startswith("failed: ") and "\n" not in bad.status, bad.status
+    assert bad.tiles_run == 0
+    assert status_of(tmp_path / "bad.zarr") == "running"  # never finalized
+    assert good.status == boxes.status == "complete"
+    assert_same_store(tmp_path / "small.zarr", references["small"])
+    assert_same_store(tmp_path / "boxes.zarr", references["boxes"])
+
+
+def _explode(module, inputs):
+    raise RuntimeError("simulated device failure\nsecond line")
+
+
+def test_pipeline_failure_fails_unfinished_slides(ray_local, tmp_path):
+    """An error outside the per-tile catches (here: every forward pass raises) fails the slides left, on one
+    line each, and finalizes none of them."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels to the actor by value
+    broken = varied_unet(SEED)
+    broken.register_forward_pre_hook(_explode)
+    slide = shared_file("slides/small-16px.svs")
+    plans = [plan_slide(slide, tmp_path / f"{n}.zarr", broken, tile_size=256) for n in "ab"]
+    results = segment_slides_ray(plans, broken, progress=False)
+    for result, name in zip(results, "ab"):
+        assert result.status.startswith("failed: ") and "simulated device failure" in result.status, result.status
+        assert "\n" not in result.status and "second line" not in result.status
+        assert status_of(tmp_path / f"{name}.zarr") == "running"
+
+
+def test_nothing_to_run_finalizes_without_ray(model, tmp_path):
+    """A resumed store whose tiles are all done is just finalized (no Ray needed)."""
+    with torch_threads(1):
+        segment_slide(shared_file("slides/small-16px.svs"), tmp_path / "s.zarr", model, tile_size=256)
+    plan = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "s.zarr", model, tile_size=256, resume=True)
+    assert plan.tiles == [] and plan.already_done == 1
+    [result] = segment_slides_ray([plan], model, progress=False)
+    assert result.status == "complete" and result.tiles_run == 0
+
+
+# --------------------------------------------------------------------------- pieces without Ray
+def test_interleave_round_robin(model, tmp_path):
+    big = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "a.zarr", model, tile_size=256)
+    small = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "b.zarr", model, tile_size=256)
+    items = interleave([big, small], 2)
+    assert len(items) == len(big.tiles) + 1
+    assert [i["slide"] for i in items[:5]] == [0, 0, 1, 0, 0]
+    assert {(i["row"], i["col"]) for i in items if i["slide"] == 0} == {(t.row, t.col) for t in big.tiles}
+    other = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "c.zarr", model, tile_size=128)
+    with pytest.raises(ValueError, match="same tile geometry"):
+        check_plans([small, other], model)
+    with pytest.raises(ValueError, match="planned for another model"):
+        check_plans([small], varied_unet(SEED, depth=2))
+    with pytest.raises(ValueError, match="probabilities=False"):
+        check_plans([small], model, probabilities=True)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        RayOptions(amp="fp8")
+    with pytest.raises(TypeError, match="unknown option"):
+        segment_slides_ray([small], model, gpus=1)
+
+
+def test_report_helpers(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.svs", "b.tiff", "notes.txt"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    (tmp_path / "in" / "c.zarr").mkdir()
+    out = tmp_path / "in" / "out"
+    (out / "old.zarr").mkdir(parents=True)
+    slides, problems = expand_slide_inputs(
+        [str(tmp_path / "in"), str(tmp_path / "in" / "*.svs"), str(tmp_path / "missing.svs"), str(out / "*.zarr"),
+         str(tmp_path / "in" / "*.ndpi")],
+        exclude=out,
+    )  # fmt: skip
+    assert [p.name for p in slides] == ["a.svs", "b.tiff", "c.zarr"]  # no duplicates, nothing from the output
+    assert len(problems) == 2 and "no such slide" in problems[0][1] and "no slides match" in problems[1][1]
+    assert output_path_for("x/y/slide-1.svs", "o") == Path("o/slide-1.zarr")
+    failed = failed_result("x.svs", "-", "x.svs: no such\nfile")
+    assert failed.status == "failed: x.svs: no such file"
+    table = format_table([failed])
+    assert "x.svs" in table and "failed: x.svs: no such file" in table and len(table.splitlines()) == 3
+    assert one_line(RuntimeError("first\nsecond")) == "RuntimeError: first"
+
+
+# --------------------------------------------------------------------------- the CLI
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = ""  # the script must find the checkout by itself
+    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=tempfile.gettempdir())  # fmt: skip (runs from outside the checkout)
+
+
+def test_cli_help_mentions_every_option():
+    done = run_cli("--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    for option in ("--out", "--model", "--level", "--tile-size", "--batch-size", "--actors", "--gpus-per-actor",
+                   "--amp", "--compile", "--probabilities", "--overwrite", "--resume", "--address",
+                   "--no-tissue-mask", "--tissue-mask", "--num-cpus", "bf16", "fp16", "off"):  # fmt: skip
+        assert option in done.stdout, option
+
+
+def test_cli_usage_errors_exit_2(model, tmp_path):
+    from unet import save_model
+
+    artifact = save_model(model, tmp_path / "model.pt")
+    slide = str(shared_file("slides/small-16px.svs"))
+    done = run_cli(slide, "--out", str(tmp_path / "o"), "--model", str(artifact), "--tile-size", "100", timeout=60)
+    assert done.returncode == 2 and "not a multiple of the model's alignment" in done.stderr, done.stderr
+    done = run_cli(slide, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none.pt"), timeout=60)
+    assert done.returncode == 2 and "model file not found" in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_end_to_end(model, tmp_path):
+    from unet import save_model
+
+    artifact = save_model(model, tmp_path / "model.pt")
+    slide = shared_file("slides/small-16px.svs")
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.svs"
+    done = run_cli(str(slide), str(missing), "--out", str(out), "--model", str(artifact), "--no-tissue-mask",
+                   "--num-cpus", "2", "--no-progress")  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if "missing.svs" in line]
+    assert len(lines) == 1 and lines[0].startswith("ERROR ")
+    assert lines[0].endswith(f": {missing}: no such slide file or directory; check the path")
+    store = out / "small-16px.zarr"
+    assert status_of(store) == "complete"
+    report = json.loads((out / "run-report.json").read_text())
+    assert report["summary"] == {"slides": 2, "complete": 1, "failed": 1}
+    by_name = {Path(s["slide"]).name: s for s in report["slides"]}
+    assert by_name["small-16px.svs"]["status"] == "complete" and by_name["small-16px.svs"]["tiles_run"] == 1
+    assert by_name["missing.svs"]["status"].startswith("failed: ")
+    assert report["settings"]["model_checksum"] == model_checksum(artifact)
+    assert "small-16px.svs" in done.stdout and "complete" in done.stdout  # the table
+    assert (out / "small-16px.png").stat().st_size > 0  # the preview
+    with torch_threads(1):
+        segment_slide(slide, tmp_path / "ref.zarr", artifact, tile_size=256)
+    assert_same_store(store, tmp_path / "ref.zarr")
+
+    # Existing output without --overwrite/--resume: a clear error, the store untouched, no Ray needed.
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    again = run_cli(str(slide), "--out", str(out), "--model", str(artifact), "--no-tissue-mask", "--num-cpus", "2")
+    assert again.returncode == 1
+    assert "output exists" in again.stderr and "--overwrite" in again.stderr, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+    assert status_of(store) == "complete"
+
+
+def model_checksum(path) -> str:
+    from unet.artifact import file_sha256
+
+    return file_sha256(path)
