@@ -20,7 +20,7 @@ def batch():
 
 def test_outputs_are_uint8_tiles_cropped_to_the_tile_size(batch):
     _, _, windows, reference = batch
-    assert windows.dtype == np.uint8 and windows.shape == (3, 140, 140, 3)
+    assert windows.dtype == np.uint8 and windows.shape == (3, 156, 156, 3)  # valid output 68 >= 64, + 2 * halo 44
     assert reference["labels"].shape == (3, 64, 64) and reference["labels"].dtype == np.uint8
     assert reference["probabilities"].shape == (3, 3, 64, 64) and reference["probabilities"].dtype == np.uint8
     assert (reference["logits"].argmax(1) == reference["labels"]).all()
