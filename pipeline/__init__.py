@@ -1,13 +1,27 @@
-"""Overlap-tile whole-slide segmentation: exact tiling, slide access, the engine and the output store."""
+"""Overlap-tile whole-slide segmentation: exact tiling, slide access, the engine and the output store.
 
-from pipeline.engine import SegmentResult, segment_slide, tiled_logits
-from pipeline.geometry import Tile, TileGrid, check_tile_size, make_tile_grid, symmetric_index, tile_grid_for_model
-from pipeline.predict import TilePredictor, whole_image_logits
-from pipeline.slide import SlideError, open_slide
-from pipeline.store import OutputExistsError, open_labels
+Public names are imported on first use, so light modules (``pipeline.synthetic``, ``pipeline.tissue``,
+``pipeline.geometry``) load without torch.
+"""
 
-__all__ = [
-    "segment_slide", "tiled_logits", "whole_image_logits", "SegmentResult", "TilePredictor",
-    "open_slide", "SlideError", "open_labels", "OutputExistsError",
-    "Tile", "TileGrid", "make_tile_grid", "tile_grid_for_model", "check_tile_size", "symmetric_index",
-]  # fmt: skip
+from importlib import import_module
+
+_PUBLIC = {
+    "segment_slide": "pipeline.engine", "tiled_logits": "pipeline.engine", "SegmentResult": "pipeline.engine",
+    "whole_image_logits": "pipeline.predict", "TilePredictor": "pipeline.predict",
+    "open_slide": "pipeline.slide", "SlideError": "pipeline.slide",
+    "open_labels": "pipeline.store", "OutputExistsError": "pipeline.store",
+    "open_result": "pipeline.results",
+    "Tile": "pipeline.geometry", "TileGrid": "pipeline.geometry", "make_tile_grid": "pipeline.geometry",
+    "tile_grid_for_model": "pipeline.geometry", "check_tile_size": "pipeline.geometry",
+    "symmetric_index": "pipeline.geometry",
+}  # fmt: skip
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
