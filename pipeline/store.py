@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +50,36 @@ class OutputStore:
 
     path: str
     grid: TileGrid
+    _arrays: dict = field(default_factory=dict, repr=False, compare=False)  # opened once per process
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "grid": self.grid, "_arrays": {}}  # handles are reopened on the worker
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = zarr.open_array(f"{self.path}/{name}", mode="r+")
+        return self._arrays[name]
 
     @property
     def root(self) -> zarr.Group:
         return zarr.open_group(self.path, mode="r+")
 
     def labels(self, level: int = 0) -> zarr.Array:
-        return zarr.open_array(f"{self.path}/{LABELS_PATH}/{level}", mode="r+")
+        return self._array(f"{LABELS_PATH}/{level}")
 
     def write_tile(self, tile: Tile, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
         """Write one tile's valid centre (whole chunks only) and then mark it done."""
         y0, x0, y1, x1 = tile.box
         self.labels()[y0:y1, x0:x1] = labels[: tile.height, : tile.width]
         if probabilities is not None:
-            probs = zarr.open_array(f"{self.path}/probabilities/0", mode="r+")
-            probs[:, y0:y1, x0:x1] = probabilities[:, : tile.height, : tile.width]
-        self.set_state(tile, TILE_DONE)
-
-    def set_state(self, tile: Tile, state: int) -> None:
-        zarr.open_array(f"{self.path}/tiles/state", mode="r+")[tile.row, tile.col] = state
+            self._array("probabilities/0")[:, y0:y1, x0:x1] = probabilities[:, : tile.height, : tile.width]
+        self._array("tiles/state")[tile.row, tile.col] = TILE_DONE
 
     def mark_skipped(self, tiles: list[Tile]) -> None:
         """Record background tiles in one write; called by the driver before any worker starts."""
         if not tiles:
             return
-        array = zarr.open_array(f"{self.path}/tiles/state", mode="r+")
+        array = self._array("tiles/state")
         states = array[...]
         for tile in tiles:
             states[tile.row, tile.col] = TILE_SKIPPED
