@@ -21,7 +21,7 @@ from pipeline.synthetic import make_demo_slide
 
 logger = logging.getLogger(__name__)
 
-DEMO_SIZE = 3072  # segments in about a minute on 2 CPU cores with the bundled model
+DEMO_SIZE = 6144  # segments in about a minute on 2 CPU cores with the bundled model
 
 
 @dataclass

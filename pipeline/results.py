@@ -37,7 +37,7 @@ def open_result(path: str | Path, level: int = 0):
     )  # fmt: skip
 
 
-def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     """Colour the non-background classes of ``labels`` over ``rgb`` (same height and width)."""
     out = rgb.astype(np.float32)
     for value in np.unique(labels):

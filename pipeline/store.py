@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 TILE_PENDING, TILE_DONE, TILE_SKIPPED = 0, 1, 2
 LABELS_PATH = "labels/segmentation"
-PALETTE = [
-    (0, 0, 0, 0), (230, 25, 75, 255), (60, 180, 75, 255), (255, 225, 25, 255), (0, 130, 200, 255),
+PALETTE = [  # class 0 transparent; class 1 green, which stands out on H&E's pinks and purples
+    (0, 0, 0, 0), (0, 230, 60, 255), (255, 225, 25, 255), (0, 130, 200, 255), (230, 25, 75, 255),
     (245, 130, 48, 255), (145, 30, 180, 255), (70, 240, 240, 255), (240, 50, 230, 255), (210, 245, 60, 255),
 ]  # fmt: skip
 
