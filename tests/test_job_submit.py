@@ -34,18 +34,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_processes_mentioning(marker: str) -> None:
-    """Stop only the Ray processes of this test's cluster (``ray stop`` would stop every Ray on the machine)."""
+def processes_mentioning(marker: str) -> list[int]:
+    pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
         except OSError:
             continue
         if marker in cmdline and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
+def stop_processes_mentioning(marker: str, grace_s: float = 10.0) -> None:
+    """Stop only the Ray processes of this test's cluster (``ray stop`` would stop every Ray on the machine):
+    SIGTERM, then SIGKILL whatever is left after ``grace_s`` (gcs_server may ignore SIGTERM)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_mentioning(marker):
             try:
-                os.kill(int(pid), signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + grace_s
+        while processes_mentioning(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +77,6 @@ def head_node():
         yield {"env": env, "address": f"http://127.0.0.1:{dashboard}"}
     finally:
         stop_processes_mentioning(temp_dir)
-        time.sleep(1)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
