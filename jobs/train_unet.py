@@ -191,27 +191,6 @@ def config_from_args(args: argparse.Namespace):
     )  # fmt: skip
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> None:
-    """Join ``address`` or start a local Ray on loopback; workers import this checkout (PYTHONPATH) and their
-    output (one line per epoch) is shown here."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = None
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # not under `ray job submit --working-dir`
-        paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-    else:
-        # the dashboard (bound to loopback only) serves the state API Ray Train's placement-group cleaner polls
-        ray.init(
-            num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-            runtime_env=runtime_env,
-        )  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -220,7 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_args(args)
     name = args.name or "unet"
     if args.num_workers > 0:
-        init_ray(args.address or os.environ.get("RAY_ADDRESS"), args.num_cpus)
+        from pipeline.ray_setup import init_ray
+
+        # log_to_driver: one line per epoch from the workers; the dashboard serves the state API Ray Train polls
+        init_ray(args.address, args.num_cpus, repo_root=REPO_ROOT, log_to_driver=True, include_dashboard=True)
     started = time.perf_counter()
     result = fit(
         cfg, name, args.storage_path, num_workers=args.num_workers, use_gpu=args.use_gpu,

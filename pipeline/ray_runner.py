@@ -71,6 +71,19 @@ class RayOptions:
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and unet/
 
 
+def check_cpus_left(options: RayOptions) -> None:
+    """Refuse a pool that takes every CPU: reads and writes would never get one and the run would hang."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    taken = options.actors * options.cpus_per_actor
+    if taken >= total:
+        raise ValueError(
+            f"{options.actors} actors x {options.cpus_per_actor:g} CPUs take all {total:g} CPUs of the Ray cluster, "
+            "leaving none to read and write tiles; lower --actors or --cpus-per-actor, or give Ray more CPUs"
+        )
+
+
 _RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$", re.MULTILINE)
 
 
@@ -335,6 +348,7 @@ def segment_slides_ray(
         context.enable_progress_bars = context.print_on_execution_start = False  # ours are per slide
         finishing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="finalize")  # pyramids off the stream
         try:
+            check_cpus_left(options)
             ds = build_dataset(chosen, model, options)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 per_slide: dict[int, list[str]] = {}

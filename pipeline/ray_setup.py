@@ -35,6 +35,8 @@ def init_ray(
 ):
     """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a private local instance on 127.0.0.1.
 
+    ``include_dashboard=True`` starts the dashboard on loopback (Ray Train's cleanup polls its state API).
+
     ``repo_root`` goes on the workers' PYTHONPATH unless the job already ships a working_dir
     (``ray job submit --working-dir .``), so workers import the same ``pipeline`` and ``unet``.
     """
@@ -47,10 +49,13 @@ def init_ray(
         paths = [str(repo_root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
     address = address or os.environ.get("RAY_ADDRESS") or None
+    dashboard = kwargs.pop("include_dashboard", False)  # only for a local start; bound to loopback
     if address:
         logger.info("joining Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
         return ray
     loopback_only()
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=dashboard, **kwargs)
     return ray

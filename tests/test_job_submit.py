@@ -90,7 +90,11 @@ def test_ray_job_submit_segments_several_slides_exactly(head_node, tmp_path):
         sys.executable, "jobs/segment_slides.py", *map(str, slides), "--out", str(out), "--model", str(artifact),
         "--tile-size", "256", "--no-tissue-mask", "--actors", "1",
     ]  # fmt: skip
-    job = subprocess.run(submit, env=head_node["env"], capture_output=True, text=True, timeout=600)
+    for attempt in range(20):  # right after `ray start` the job agent may not be up yet: Ray says to retry
+        job = subprocess.run(submit, env=head_node["env"], capture_output=True, text=True, timeout=600)
+        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(3)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
     for slide in slides:

@@ -268,3 +268,9 @@ def model_checksum(path) -> str:
     from unet.artifact import file_sha256
 
     return file_sha256(path)
+
+
+def test_a_pool_that_takes_every_cpu_is_refused_not_hung(ray_local, model, tmp_path):
+    plan = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "o.zarr", model, tile_size=256)
+    (result,) = segment_slides_ray([plan], model, actors=2, cpus_per_actor=1.0, progress=False)  # ray_local has 2
+    assert result.status.startswith("failed: ") and "leaving none to read and write tiles" in result.status
