@@ -6,8 +6,10 @@ workers, are exact sums (:class:`MetricTotals`).
 Rand error (ISBI 2012 / SNEMI3D "adapted Rand error"): 1 - the F-score of the Rand split and merge
 scores, restricted to the ground truth's foreground. Pixels whose ground-truth object id is 0 (boundary /
 background) are ignored; predicted-background pixels inside the ground-truth foreground count as
-singletons (each its own segment), as in the challenge's scoring script. Objects are the connected
-components of the foreground of each map (or a given instance map for the ground truth).
+singletons (each its own segment), as in the challenge's scoring script (the SNEMI3D ``adapted_rand``
+formula, which counts pixel pairs including self-pairs; ``skimage.metrics.adapted_rand_error`` excludes
+self-pairs and differs slightly). Objects are the connected components of the foreground of each map
+(or a given instance map for the ground truth).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def adapted_rand_error(true_ids: np.ndarray, pred_ids: np.ndarray) -> float:
         return 0.0
     t, p = true_ids[keep], pred_ids[keep]
     _, t = np.unique(t, return_inverse=True)
-    _, p = np.unique(p, return_inverse=True)  # p == 0 stays the smallest value only if present: handle below
-    singletons = pred_ids[keep] == 0
+    _, p = np.unique(p, return_inverse=True)
+    singletons = pred_ids[keep] == 0  # predicted background inside the ground-truth foreground
     # contingency table of (true, predicted) pairs, predicted background excluded (singletons)
     pairs = t[~singletons] * (p.max() + 1) + p[~singletons]
     _, counts = np.unique(pairs, return_counts=True)
