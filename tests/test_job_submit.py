@@ -71,6 +71,8 @@ def head_node():
     start = [
         RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+        # the agent's default port (52365) is taken if any other Ray runs on this machine: jobs then fail
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
     ]  # fmt: skip
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
@@ -90,7 +92,7 @@ def test_ray_job_submit_segments_several_slides_exactly(head_node, tmp_path):
         sys.executable, "jobs/segment_slides.py", *map(str, slides), "--out", str(out), "--model", str(artifact),
         "--tile-size", "256", "--no-tissue-mask", "--actors", "1",
     ]  # fmt: skip
-    for attempt in range(20):  # right after `ray start` the job agent may not be up yet: Ray says to retry
+    for attempt in range(10):  # right after `ray start` the job agent may not be up yet: Ray says to retry
         job = subprocess.run(submit, env=head_node["env"], capture_output=True, text=True, timeout=600)
         if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
             break
