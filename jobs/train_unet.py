@@ -164,6 +164,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.data and not args.slide:
         parser.error("no training data: give --data DIR and/or --slide SLIDE LABELS (or a --preset)")
+    # Ray workers run in another working directory: hand them absolute paths, checked here in the driver.
+    absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
+    args.data = [absolute(p) for p in args.data or []]
+    args.val_data = [absolute(p) for p in args.val_data or []]
+    args.slide = [[absolute(p) for p in pair] for pair in args.slide or []]
+    args.val_slide = [[absolute(p) for p in pair] for pair in args.val_slide or []]
+    for path in args.data + args.val_data + [p for pair in args.slide + args.val_slide for p in pair]:
+        if not Path(path).exists():
+            parser.error(f"{path}: not found; check the path")
+    args.storage_path = absolute(args.storage_path)
+    if args.export:
+        args.export = absolute(args.export)
     return args
 
 
