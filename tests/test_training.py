@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import shared_file
 from pipeline.slide import read_window
 from unet.training import augment
 from unet.training.data import EpochSampler, PatchGeometry, SampleSpec, cut_sample
@@ -309,11 +310,12 @@ def test_train_cli_presets_map_to_the_paper_configuration():
         import train_unet
     finally:
         sys.path.remove(str(REPO / "jobs"))
+    shared_file("isbi2012")  # the preset's data must exist: the CLI checks paths before starting Ray
     cfg = train_unet.config_from_args(train_unet.parse_args(["--preset", "paper-isbi", "--epochs", "1"]))
     assert (cfg.base_channels, cfg.depth, cfg.padding, cfg.optimizer, cfg.momentum, cfg.batch_size) == (64, 4, "valid", "sgd", 0.99, 1)
     assert cfg.weight_map and cfg.elastic and cfg.w0 == 10 and cfg.sigma == 5 and cfg.epochs == 1
     assert cfg.val_files == ["25", "26", "27", "28", "29"]
-    cfg = train_unet.config_from_args(train_unet.parse_args(["--data", "x", "--no-weight-map", "--image-mpp", "a*=0.25"]))
+    cfg = train_unet.config_from_args(train_unet.parse_args(["--data", str(REPO), "--no-weight-map", "--image-mpp", "a*=0.25"]))
     assert not cfg.weight_map and cfg.image_mpp == {"a*": 0.25}
 
 
