@@ -36,20 +36,23 @@ class ImageRecord:
     mpp: float | None = None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image as (H, W, C) uint8 (grey -> C = 1, RGBA -> RGB, 16-bit -> scaled to 8 bits)."""
-    path = Path(path)
+def _load(path: Path, colour: bool) -> np.ndarray:
+    """Pixels of a TIFF (tifffile) or another image (PIL); ``colour`` converts palette/alpha/CMYK to RGB."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        array = np.asarray(tifffile.imread(path))
-    else:
-        from PIL import Image
+        return np.asarray(tifffile.imread(path))
+    from PIL import Image
 
-        with Image.open(path) as image:
-            if image.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr"):
-                image = image.convert("RGB")
-            array = np.asarray(image)
+    with Image.open(path) as image:
+        if colour and image.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr"):
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image as (H, W, C) uint8 (grey -> C = 1, RGBA -> RGB, 16-bit -> scaled to 8 bits)."""
+    array = _load(Path(path), colour=True)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # planar TIFF
     if array.ndim == 2:
@@ -65,17 +68,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_label(path: str | Path) -> np.ndarray:
     """A label image as a 2-D integer array (colour label images: the first channel)."""
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        array = np.asarray(tifffile.imread(path))
-    else:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    array = np.squeeze(array)
+    array = np.squeeze(_load(Path(path), colour=False))
     if array.ndim == 3:
         array = array[..., 0]
     if array.ndim != 2:
