@@ -82,7 +82,8 @@ def run_ray(slide: Path, model: UNet, args, out: Path) -> tuple[float, int]:
     init_ray(num_cpus=args.num_cpus)
     started = time.perf_counter()
     plan = plan_slide(slide, out, model, tile_size=args.tile_size, overwrite=True)
-    results = segment_slides_ray([plan], model, actors=args.actors, batch_size=args.batch_size, progress=False)
+    results = segment_slides_ray([plan], model, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                 batch_size=args.batch_size, amp=args.amp, progress=False)  # fmt: skip
     return time.perf_counter() - started, results[0].tiles_run
 
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", default=None, help="bf16 | fp16 | auto (default: float32)")
     parser.add_argument("--executors", nargs="+", default=["engine"], choices=["engine", "ray"])
     parser.add_argument("--actors", type=int, default=1, help="Ray predictor actors")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (0: CPU actors)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     parser.add_argument("--workdir", type=Path, default=None, help="where slides and outputs go (default: a temp dir)")
     args = parser.parse_args(argv)
