@@ -106,10 +106,7 @@ def segment_batch(
             done = iter(segment_slides_ray(plans, model, options))
         except Exception as error:  # cannot join the cluster, ...: every planned slide fails, report still written
             logger.error("Ray: %s", one_line(error))
-            done = iter(
-                failed_result(p.slide.path or p.slide.name, p.store.path, f"Ray: {one_line(error)}", p.slide.level)
-                for p in plans
-            )
+            done = iter(plan.result(0, 0.0, f"failed: Ray: {one_line(error)}") for plan in plans)
     results = [next(done) if isinstance(entry, SlidePlan) else entry for entry in entries]
     if config.previews:
         for entry, result in zip(entries, results):

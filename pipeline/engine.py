@@ -37,6 +37,17 @@ class SlidePlan:
     skipped: int  # tiles not run because they hold no tissue
     already_done: int  # tiles finished by an earlier (resumed) run
 
+    def finalize(self, tiles_run: int) -> None:
+        """Build the pyramid and mark the store complete; only once every tile is in."""
+        self.store.finalize({"tiles_run": tiles_run, "tiles_skipped": self.skipped})
+
+    def result(self, tiles_run: int, seconds: float, status: str = "complete") -> "SegmentResult":
+        return SegmentResult(
+            slide=self.slide.path or self.slide.name, output=self.store.path, shape=self.grid.shape,
+            level=self.slide.level, mpp=self.slide.mpp, tiles_total=len(self.grid), tiles_run=tiles_run,
+            tiles_skipped=self.skipped, seconds=seconds, status=status,
+        )  # fmt: skip
+
 
 @dataclass
 class SegmentResult:
@@ -209,14 +220,9 @@ def segment_slide(
                 bar.set_postfix_str(f"{_mpx(bar.n, plan.grid) / max(bar.format_dict['elapsed'], 1e-9):.2f} Mpx/s")
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - started
-    result = SegmentResult(
-        slide=plan.slide.path or plan.slide.name, output=str(out_path), shape=plan.grid.shape, level=plan.slide.level,
-        mpp=plan.slide.mpp, tiles_total=len(plan.grid), tiles_run=len(plan.tiles), tiles_skipped=plan.skipped,
-        seconds=seconds,
-    )  # fmt: skip
-    plan.store.finalize({"tiles_run": result.tiles_run, "tiles_skipped": result.tiles_skipped})
-    logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, seconds, out_path)
+    plan.finalize(len(plan.tiles))
+    result = plan.result(len(plan.tiles), time.perf_counter() - started)
+    logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
     return result
 
 

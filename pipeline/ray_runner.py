@@ -230,8 +230,7 @@ def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: R
     """The lazy Ray Dataset for ``plans``; rows out: {slide, error} per tile."""
     import ray
 
-    grids = [plan.grid for plan in plans]
-    check_plans(plans, model, options.probabilities)
+    grids = [plan.grid for plan in plans]  # plans already passed check_plans
     wants = [store_has_probabilities(plan) for plan in plans]
     items = interleave(plans, options.batch_size)
     blocks = max(1, math.ceil(len(items) / options.batch_size))  # one read task = one forward batch of windows
@@ -298,16 +297,12 @@ class _SlideProgress:
             status = f"failed: {pipeline_error or 'the run stopped early'} ({self.pending} tiles not run)"
         else:
             try:
-                plan.store.finalize({"tiles_run": len(plan.tiles), "tiles_skipped": plan.skipped})
+                plan.finalize(len(plan.tiles))
             except Exception as error:
                 status = f"failed: finalizing the store: {one_line(error)}"
         if self.bar is not None:
             self.bar.close()
-        self.result = SegmentResult(
-            slide=plan.slide.path or plan.slide.name, output=plan.store.path, shape=plan.grid.shape,
-            level=plan.slide.level, mpp=plan.slide.mpp, tiles_total=len(plan.grid), tiles_run=self.done,
-            tiles_skipped=plan.skipped, seconds=time.perf_counter() - self.started, status=status,
-        )  # fmt: skip
+        self.result = plan.result(self.done, time.perf_counter() - self.started, status)
         log = logger.info if status == "complete" else logger.warning
         log("%s: %s (%d tiles in %.1f s) -> %s", self.result.slide, status, self.done, self.result.seconds,
             plan.store.path)  # fmt: skip
