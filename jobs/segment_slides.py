@@ -7,7 +7,8 @@
 
 Each slide gives DIR/<slide stem>.zarr; a per-slide table is printed and DIR/run-report.json written.
 A slide that cannot be found, opened, read or written is reported on one line and the others still run;
-the exit status is 1 if any slide failed (2 for usage errors). The logic lives in ``pipeline``.
+the exit status is 1 if any slide failed (2 for usage errors). Rerunning the same command resumes where
+it stopped. The logic lives in ``pipeline``.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision: auto = bf16 on GPU actors and float32 on CPU; off = float32 (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the model in each actor")
     add("--probabilities", action="store_true", help="also store per-class softmax probabilities (uint8, x255)")
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    existing.add_argument("--resume", action="store_true",
-                          help="finish interrupted outputs made with the same settings (re-runs only missing tiles)")
+    add("--overwrite", action="store_true",
+        help="replace existing outputs of these slides (only theirs). Without it, rerunning a command resumes: "
+        "complete outputs are kept, interrupted ones finish their missing tiles, and outputs made with other "
+        "settings or another model are refused")
     add("--address", metavar="ADDR", default=None,
         help="Ray cluster to join (default: $RAY_ADDRESS; if neither, start a local Ray on 127.0.0.1)")
     add("--num-cpus", type=int, default=None, metavar="N",
@@ -109,7 +110,7 @@ def options_from(args: argparse.Namespace, model: Any):
     check_tile_size(args.tile_size, model.alignment)
     config = BatchConfig(
         tile_size=args.tile_size, level=args.level, target_mpp=args.mpp, probabilities=args.probabilities,
-        overwrite=args.overwrite, resume=args.resume, tissue_mask=tissue_mask_option(args),
+        overwrite=args.overwrite, tissue_mask=tissue_mask_option(args),
         previews=not args.no_preview,
     )  # fmt: skip
     options = RayOptions(
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     print(format_table(run.results))
-    print(f"run report: {run.report}")
+    print(f"run report: {run.report or 'not written (see the error above)'}")
     if not args.slides and demo.dice is not None:
         print(f"demo: Dice of the nucleus class against the ground truth = {demo.dice:.3f} "
               f"(slide {demo.slide}, model {model_path.name})")  # fmt: skip

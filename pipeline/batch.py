@@ -2,11 +2,14 @@
 
 This is what ``jobs/segment_slides.py`` runs; it is a library function so notebooks and other jobs
 get the same behaviour: a bad slide fails alone with a one-line reason, the others finish, the run
-report and a preview PNG per slide are written beside the outputs.
+report and a preview PNG per slide are written beside the outputs. Rerunning the same batch resumes:
+complete outputs are kept, interrupted ones finish their missing tiles, outputs made with other
+settings are refused unless ``overwrite``. Each output is locked for the run, so two jobs never write it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine import SegmentResult, SlidePlan, plan_slide
+from pipeline.locking import StoreLock, StoreLockedError
 from pipeline.ray_runner import RayOptions, one_line, segment_slides_ray
 from pipeline.ray_setup import init_ray
 from pipeline.report import expand_slide_inputs, failed_result, output_path_for, write_run_report
@@ -27,14 +31,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class BatchConfig:
     """Per-slide settings. ``level`` or ``target_mpp`` (µm/px) picks the resolution; neither: the model's
-    training µm/px when it has one, else level 0. ``tissue_mask``: None, True (detect) or a mask image."""
+    training µm/px when it has one, else level 0. ``tissue_mask``: None, True (detect) or a mask image.
+    ``resume`` (default): finish interrupted outputs made with the same settings and keep complete ones."""
 
     tile_size: int = 256
     level: int | None = None
     target_mpp: float | None = None
     probabilities: bool = False
     overwrite: bool = False
-    resume: bool = False
+    resume: bool = True
     tissue_mask: Any = True
     previews: bool = True
 
@@ -42,15 +47,18 @@ class BatchConfig:
 @dataclass
 class BatchRun:
     results: list[SegmentResult]
-    report: Path
+    report: Path | None  # None when it could not be written (full or read-only disk)
 
     @property
     def failed(self) -> list[SegmentResult]:
         return [r for r in self.results if r.status != "complete"]
 
 
-def plan_batch(slides: list[Path], out_dir: Path, model, config: BatchConfig) -> list[SlidePlan | SegmentResult]:
-    """A SlidePlan per slide, or the failed SegmentResult of a slide that cannot start (one line each)."""
+def plan_batch(
+    slides: list[Path], out_dir: Path, model, config: BatchConfig, locks: contextlib.ExitStack
+) -> list[SlidePlan | SegmentResult]:
+    """A SlidePlan per slide (its output locked in ``locks``), or the failed SegmentResult of a slide that
+    cannot start (one line each)."""
     target_mpp = config.target_mpp
     if config.level is None and target_mpp is None:
         target_mpp = getattr(model, "mpp", None)  # run at the resolution the model was trained at
@@ -64,14 +72,30 @@ def plan_batch(slides: list[Path], out_dir: Path, model, config: BatchConfig) ->
             continue
         owners[output] = slide
         try:
+            lock = StoreLock(output).acquire()
+        except StoreLockedError as error:  # another live job writes this output
+            entries.append(failed_result(slide, output, _name_slide(slide, one_line(error)), config.level or 0))
+            continue
+        except OSError as error:  # read-only or full disk, permissions
+            reason = f"{slide}: cannot write its output in {out_dir} ({one_line(error)}); choose a writable --out"
+            entries.append(failed_result(slide, output, reason, config.level or 0))
+            continue
+        try:
             entries.append(plan_slide(
                 slide, output, model, tile_size=config.tile_size, level=config.level, target_mpp=target_mpp,
-                probabilities=config.probabilities, overwrite=config.overwrite, resume=config.resume,
-                tissue_mask=config.tissue_mask,
+                require_mpp=config.target_mpp is not None, probabilities=config.probabilities,
+                overwrite=config.overwrite, resume=config.resume, tissue_mask=config.tissue_mask,
             ))  # fmt: skip
+            locks.callback(lock.release)
         except Exception as error:  # missing, unopenable, output exists, wrong level or channels, ...
-            entries.append(failed_result(slide, output, one_line(error), config.level or 0))
+            lock.release()
+            entries.append(failed_result(slide, output, _name_slide(slide, one_line(error)), config.level or 0))
     return entries
+
+
+def _name_slide(slide: Path, reason: str) -> str:
+    """Every failure line names its file (some library errors name only the output or nothing)."""
+    return reason if str(slide) in reason or slide.name in reason else f"{slide}: {reason}"
 
 
 def segment_batch(
@@ -89,33 +113,52 @@ def segment_batch(
     config, options = config or BatchConfig(), options or RayOptions()
     started = time.time()
     out_dir = Path(out_dir)
-    slides, problems = expand_slide_inputs(slide_inputs, exclude=out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries: list[SlidePlan | SegmentResult] = [failed_result(item, "-", reason, 0) for item, reason in problems]
-    entries += plan_batch(slides, out_dir, model, config)
-    for entry in entries:
-        if not isinstance(entry, SlidePlan):
-            reason = entry.status.removeprefix("failed: ")
-            logger.error("%s", reason if str(entry.slide) in reason else f"{entry.slide}: {reason}")
-    plans = [entry for entry in entries if isinstance(entry, SlidePlan)]
     address = address or os.environ.get("RAY_ADDRESS") or None
+    slides, problems = expand_slide_inputs(slide_inputs, exclude=out_dir)
+    entries: list[SlidePlan | SegmentResult] = [failed_result(item, "-", reason, 0) for item, reason in problems]
+    with contextlib.ExitStack() as locks:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            entries += plan_batch(slides, out_dir, model, config, locks)
+        except OSError as error:  # the output folder cannot be created: every slide fails, nothing is written
+            entries += [failed_result(s, output_path_for(s, out_dir), f"output folder {out_dir}: {one_line(error)}")
+                        for s in slides]  # fmt: skip
+        for entry in entries:
+            if not isinstance(entry, SlidePlan):
+                logger.error("%s", entry.status.removeprefix("failed: "))
+        results = _run_plans(entries, model, options, address, num_cpus)
+        if config.previews:
+            for entry, result in zip(entries, results):
+                if isinstance(entry, SlidePlan) and result.status == "complete" and _wants_preview(result):
+                    _preview(entry, Path(result.output))
+    all_settings = {**asdict(config), **asdict(options), "ray_address": address or "local", "inputs": list(slide_inputs)}
+    all_settings["tissue_mask"] = None if config.tissue_mask is None else str(config.tissue_mask)
+    try:
+        report = write_run_report(out_dir, results, {**all_settings, **(settings or {})}, started, time.time())
+    except OSError as error:  # full or read-only disk: the summary still reaches the user
+        logger.error("%s: cannot write the run report (%s)", out_dir, one_line(error))
+        report = None
+    return BatchRun(results, report)
+
+
+def _run_plans(entries: list, model, options: RayOptions, address: str | None, num_cpus: int | None) -> list[SegmentResult]:
+    """Results in the order of ``entries``: the planned slides run on one Ray actor pool."""
+    plans = [entry for entry in entries if isinstance(entry, SlidePlan)]
     done: Any = iter(())
     if plans:
         try:
-            init_ray(address, num_cpus, repo_root=REPO_ROOT)
+            if any(plan.tiles for plan in plans):  # complete or all-background outputs need no Ray at all
+                init_ray(address, num_cpus, repo_root=REPO_ROOT)
             done = iter(segment_slides_ray(plans, model, options))
         except Exception as error:  # cannot join the cluster, ...: every planned slide fails, report still written
             logger.error("Ray: %s", one_line(error))
             done = iter(plan.result(0, 0.0, f"failed: Ray: {one_line(error)}") for plan in plans)
-    results = [next(done) if isinstance(entry, SlidePlan) else entry for entry in entries]
-    if config.previews:
-        for entry, result in zip(entries, results):
-            if isinstance(entry, SlidePlan) and result.status == "complete":
-                _preview(entry, Path(result.output))
-    all_settings = {**asdict(config), **asdict(options), "ray_address": address or "local", "inputs": list(slide_inputs)}
-    all_settings["tissue_mask"] = None if config.tissue_mask is None else str(config.tissue_mask)
-    report = write_run_report(out_dir, results, {**all_settings, **(settings or {})}, started, time.time())
-    return BatchRun(results, report)
+    return [next(done) if isinstance(entry, SlidePlan) else entry for entry in entries]
+
+
+def _wants_preview(result: SegmentResult) -> bool:
+    """A new or changed result gets a preview; a complete one kept from an earlier run keeps its own."""
+    return not (result.kept and Path(result.output).with_suffix(".png").exists())
 
 
 def _preview(plan: SlidePlan, store: Path) -> None:

@@ -21,7 +21,10 @@ from pipeline.geometry import Tile, TileGrid, tile_grid_for_model
 from pipeline.predict import TilePredictor
 from pipeline.resolution import open_for_segmentation
 from pipeline.slide import SlideSource, open_slide
-from pipeline.store import TILE_PENDING, OutputStore, create_output_store
+from pipeline.locking import StoreLock
+from pipeline.store import (
+    TILE_DONE, TILE_PENDING, TILE_SKIPPED, OutputStore, create_output_store, open_existing_store,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +39,28 @@ class SlidePlan:
     tiles: list[Tile]  # tiles still to run
     skipped: int  # tiles not run because they hold no tissue
     already_done: int  # tiles finished by an earlier (resumed) run
+    complete: bool = False  # the store was already complete before this run: nothing to do, kept as it is
 
-    def finalize(self, tiles_run: int) -> None:
-        """Build the pyramid and mark the store complete; only once every tile is in."""
-        self.store.finalize({"tiles_run": tiles_run, "tiles_skipped": self.skipped})
+    def finalize(self) -> None:
+        """Build the pyramid and mark the store complete; only once every tile is in (checked on disk)."""
+        if not self.complete:
+            self.store.finalize()
 
     def result(self, tiles_run: int, seconds: float, status: str = "complete") -> "SegmentResult":
         return SegmentResult(
             slide=self.slide.path or self.slide.name, output=self.store.path, shape=self.grid.shape,
             level=self.slide.level, mpp=self.slide.mpp, tiles_total=len(self.grid), tiles_run=tiles_run,
-            tiles_skipped=self.skipped, seconds=seconds, status=status,
+            tiles_skipped=self.skipped, seconds=seconds, status=status, tiles_done_earlier=self.already_done,
+            kept=self.complete,
         )  # fmt: skip
 
 
 @dataclass
 class SegmentResult:
-    """What one slide's run produced; ``status`` is "complete" or "failed: <reason>"."""
+    """What one slide's run produced; ``status`` is "complete" or "failed: <reason>".
+
+    ``tiles_done_earlier``: tiles an earlier run had finished (> 0: this run resumed it); ``kept``: the
+    output was already complete, so this run left it as it was."""
 
     slide: str
     output: str
@@ -63,13 +72,19 @@ class SegmentResult:
     tiles_skipped: int
     seconds: float
     status: str = "complete"
+    tiles_done_earlier: int = 0
+    kept: bool = False
+
+    @property
+    def resumed(self) -> bool:
+        return self.tiles_done_earlier > 0
 
     @property
     def megapixels_per_second(self) -> float:
         return self.shape[0] * self.shape[1] / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mpx_per_s": round(self.megapixels_per_second, 4)}
+        return {**asdict(self), "resumed": self.resumed, "mpx_per_s": round(self.megapixels_per_second, 4)}
 
 
 def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
@@ -80,24 +95,29 @@ def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
     return model
 
 
-def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk: int, probabilities: bool) -> dict:
+def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk: int, probabilities: bool,
+               tissue: str = "none") -> dict:  # fmt: skip
     import dask
     import zarr
 
     import unet
+    from pipeline.coordinates import slide_level0_downsample
+    from unet.artifact import model_checksum
 
     return {
         "source": slide.path or slide.name,
         "level": slide.level,
         "shape": list(grid.shape),
         "mpp": slide.mpp,
+        "level0_downsample": slide_level0_downsample(slide),  # level-0 px per stored px (GeoJSON export)
         "tile_size": grid.tile_size,
         "chunk": chunk,
         "halo": grid.halo,
         "input_size": grid.input_size,
         "probabilities": probabilities,
+        "tissue": tissue,
         "model_config": model.config.to_dict(),
-        "model_checksum": getattr(model, "checksum", None),
+        "model_checksum": model_checksum(model),
         "class_names": class_names_of(model),
         "model_mpp": getattr(model, "mpp", None),
         "software": {
@@ -123,6 +143,7 @@ def plan_slide(
     tile_size: int = 256,
     level: int | None = None,
     target_mpp: float | None = None,
+    require_mpp: bool = False,
     chunk: int | None = None,
     mpp: float | None = None,
     probabilities: bool = False,
@@ -130,8 +151,12 @@ def plan_slide(
     resume: bool = False,
     tissue_mask: Any = None,
 ) -> SlidePlan:
-    """Open the slide, lay out the tiles and create (or reopen) the output store."""
-    slide = open_for_segmentation(source, level, target_mpp, mpp)
+    """Open the slide, lay out the tiles and create (or reopen, with ``resume``) the output store.
+
+    The caller holds the store's lock (:class:`pipeline.locking.StoreLock`). ``require_mpp``: a slide
+    without µm/px metadata is an error for ``target_mpp`` instead of falling back to level 0.
+    """
+    slide = open_for_segmentation(source, level, target_mpp, mpp, require_mpp=require_mpp)
     in_channels = model.config.in_channels
     if slide.shape[2] != in_channels:
         raise ValueError(
@@ -139,23 +164,25 @@ def plan_slide(
         )
     chunk = chunk or tile_size
     grid = tile_grid_for_model(model, slide.size, tile_size, chunk)
-    if tissue_mask is not None:
-        from pipeline.tissue_tiles import select_tissue_tiles, slide_tissue_mask
+    from pipeline.tissue_tiles import describe_tissue_option, slide_tissue_mask, split_tissue_tiles
 
-        tissue_mask = slide_tissue_mask(slide, tissue_mask)  # before the store exists: a failed read leaves nothing
-    meta = provenance(slide, grid, model, chunk, probabilities)
-    store = create_output_store(
-        out_path, grid, chunk=chunk, class_names=class_names_of(model), mpp=slide.mpp, provenance=meta,
-        probabilities=probabilities, overwrite=overwrite, resume=resume,
-    )  # fmt: skip
+    meta = provenance(slide, grid, model, chunk, probabilities, describe_tissue_option(tissue_mask))
+    store = open_existing_store(out_path, grid, meta, overwrite=overwrite, resume=resume)
+    if store is None:
+        mask, skipped = None, []
+        if tissue_mask is not None:  # before the store exists: a failed read leaves nothing behind
+            mask = slide_tissue_mask(slide, tissue_mask)
+            _, skipped = split_tissue_tiles(grid, list(grid), mask)
+        store = create_output_store(
+            out_path, grid, chunk=chunk, class_names=class_names_of(model), mpp=slide.mpp, provenance=meta,
+            probabilities=probabilities, tissue_mask=mask, skipped=skipped,
+        )  # fmt: skip
     states = store.tile_states()
     pending = [tile for tile in grid if states[tile.row, tile.col] == TILE_PENDING]
-    already_done = len(grid) - len(pending)
-    skipped = 0
-    if tissue_mask is not None:
-        pending, skipped_tiles = select_tissue_tiles(slide, grid, pending, tissue_mask, store)
-        skipped = len(skipped_tiles)
-    return SlidePlan(slide, grid, store, pending, skipped, already_done)
+    return SlidePlan(
+        slide, grid, store, pending, skipped=int((states == TILE_SKIPPED).sum()),
+        already_done=int((states == TILE_DONE).sum()), complete=store.status == "complete",
+    )  # fmt: skip
 
 
 def batched(items: list[Tile], size: int) -> Iterator[list[Tile]]:
@@ -198,10 +225,21 @@ def segment_slide(
     """
     started = time.perf_counter()
     model = resolve_model(model)
-    plan = plan_slide(
-        source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
-        probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
-    )  # fmt: skip
+    with StoreLock(out_path):
+        plan = plan_slide(
+            source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
+            probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
+        )  # fmt: skip
+        run_tiles(plan, model, batch_size, device=device, amp=amp, probabilities=probabilities, progress=progress)
+        plan.finalize()
+    result = plan.result(len(plan.tiles), time.perf_counter() - started)
+    logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
+    return result
+
+
+def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, device: str = "auto",
+              amp: str | None = None, probabilities: bool = False, progress: bool = False) -> None:  # fmt: skip
+    """Read, predict and write every pending tile of ``plan`` in this process (reads one batch ahead)."""
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=probabilities)
     bar = _progress_bar(plan, progress)
     batches = list(batched(plan.tiles, batch_size))
@@ -220,10 +258,6 @@ def segment_slide(
                 bar.set_postfix_str(f"{_mpx(bar.n, plan.grid) / max(bar.format_dict['elapsed'], 1e-9):.2f} Mpx/s")
     if bar is not None:
         bar.close()
-    plan.finalize(len(plan.tiles))
-    result = plan.result(len(plan.tiles), time.perf_counter() - started)
-    logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
-    return result
 
 
 def _mpx(tiles_done: int, grid: TileGrid) -> float:

@@ -12,7 +12,7 @@ It runs exactly the pieces of :func:`pipeline.engine.segment_slide` (``plan_slid
 reader, :class:`TilePredictor`, ``OutputStore.write_tile``), so on CPU in float32 the stores are
 bit-identical, given the same torch thread count (an actor uses ``cpus_per_actor`` threads; other counts
 can round a rare uint8 probability the other way). A tile whose read or write fails is marked with an ``error`` and skipped; its slide is
-reported ``"failed: <reason>"`` and never finalised (``--resume`` later re-runs just its missing tiles),
+reported ``"failed: <reason>"`` and never finalised (rerunning the job re-runs just its missing tiles),
 while the other slides complete.
 """
 
@@ -88,17 +88,24 @@ _RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$", re
 
 
 def one_line(error: BaseException | str, limit: int = 300) -> str:
-    """An error as one short line: the innermost user exception's message when Ray wraps it."""
+    """An error as one short line: the innermost user exception's message when Ray wraps it.
+
+    Unwrapping stops at this project's own errors (and ValueErrors): their messages already say which file,
+    what went wrong and what to do, while their causes (e.g. a raw OpenSlideError) say less."""
+
+    def ours(e: BaseException) -> bool:
+        return isinstance(e, ValueError) or type(e).__module__.startswith(("pipeline.", "unet."))
+
     if isinstance(error, BaseException):
         inner, seen = error, set()
-        while id(inner) not in seen:  # RayTaskError.cause -> UserCodeException.__cause__ -> the user's error
+        while id(inner) not in seen and not ours(inner):  # RayTaskError.cause -> UserCodeException -> the user's
             seen.add(id(inner))
             cause = getattr(inner, "cause", None)
             following = cause if isinstance(cause, BaseException) else inner.__cause__
             if following is None:
                 break
             inner = following
-        text = f"{type(inner).__name__}: {inner}" if not isinstance(inner, ValueError) else str(inner)
+        text = str(inner) if ours(inner) else f"{type(inner).__name__}: {inner}"
         if type(inner).__module__.startswith("ray."):  # cause lost in transit: take it from the remote traceback
             found = [m for m in _RAISED.findall(str(error)) if not m[0].startswith("ray.") and "UserCode" not in m[0]]
             text = f"{found[-1][0].rsplit('.', 1)[-1]}: {found[-1][1]}" if found else text
@@ -181,10 +188,10 @@ class WriteTiles:
                 try:
                     probs = batch["probabilities"][k] if self.wants[s] else None
                     self.stores[s].write_tile(self.grids[s].tile(int(row), int(col)), batch["labels"][k], probs)
-                except Exception as write_error:
-                    error = one_line(write_error)
+                except Exception as write_error:  # full disk, permissions, ...: name the store
+                    error = f"writing {self.stores[s].path}: {one_line(write_error)}"
             errors.append(error)
-        return {"slide": batch["slide"], "error": np.array(errors, dtype=object)}
+        return {"slide": batch["slide"], "row": batch["row"], "col": batch["col"], "error": np.array(errors, dtype=object)}
 
 
 # --------------------------------------------------------------------------- driver
@@ -258,31 +265,36 @@ def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: R
 
 
 class _SlideProgress:
-    """Per-slide counters, the tqdm bar and the result once the slide's last tile is in."""
+    """Per-slide counters, the tqdm bar and the result once the slide's last tile is in.
+
+    Tiles are counted by (row, col), so a block that Ray re-delivers after a retried task is counted once;
+    the store's own ``tiles/state`` is checked again before the slide is marked complete."""
 
     def __init__(self, plan: SlidePlan, position: int, enabled: bool, started: float):
         self.plan, self.started = plan, started
-        self.done = self.failed = 0
-        self.error: str | None = None
+        self.done: set[tuple[int, int]] = set()
+        self.failed: dict[tuple[int, int], str] = {}
         self.result: SegmentResult | None = None
         self.bar = None
-        if enabled:
+        if enabled and plan.tiles:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=len(plan.tiles), desc=Path(plan.slide.name).stem, unit="tile", position=position)
 
     @property
     def pending(self) -> int:
-        return len(self.plan.tiles) - self.done - self.failed
+        return len(self.plan.tiles) - len(self.done) - len(self.failed.keys() - self.done)
 
-    def update(self, ok: int, errors: list[str]) -> None:
-        self.done += ok
-        self.failed += len(errors)
-        if errors and self.error is None:
-            self.error = errors[0]
+    def update(self, outcomes: list[tuple[int, int, str]]) -> None:
+        before = len(self.done) + len(self.failed)
+        for row, col, error in outcomes:
+            if error:
+                self.failed.setdefault((row, col), error)
+            else:
+                self.done.add((row, col))
         if self.bar is not None:
-            self.bar.update(ok + len(errors))
-            mpx = self.done * self.plan.grid.tile_size**2 / 1e6
+            self.bar.update(len(self.done) + len(self.failed) - before)
+            mpx = len(self.done) * self.plan.grid.tile_size**2 / 1e6
             self.bar.set_postfix_str(f"{mpx / max(time.perf_counter() - self.started, 1e-9):.2f} Mpx/s")
 
     def finish(self, pipeline_error: str | None = None) -> SegmentResult:
@@ -290,21 +302,23 @@ class _SlideProgress:
         if self.result is not None:
             return self.result
         plan = self.plan
+        failed = self.failed.keys() - self.done  # a tile that failed once and then succeeded is done
         status = "complete"
-        if self.failed:
-            status = f"failed: {self.failed} of {len(plan.tiles)} tiles failed: {self.error}"
+        if failed:
+            first = self.failed[min(failed)]
+            status = f"failed: {len(failed)} of {len(plan.tiles)} tiles failed: {first}"
         elif self.pending:
             status = f"failed: {pipeline_error or 'the run stopped early'} ({self.pending} tiles not run)"
         else:
             try:
-                plan.finalize(len(plan.tiles))
+                plan.finalize()
             except Exception as error:
                 status = f"failed: finalizing the store: {one_line(error)}"
         if self.bar is not None:
             self.bar.close()
-        self.result = plan.result(self.done, time.perf_counter() - self.started, status)
+        self.result = plan.result(len(self.done), time.perf_counter() - self.started, status)
         log = logger.info if status == "complete" else logger.warning
-        log("%s: %s (%d tiles in %.1f s) -> %s", self.result.slide, status, self.done, self.result.seconds,
+        log("%s: %s (%d tiles in %.1f s) -> %s", self.result.slide, status, len(self.done), self.result.seconds,
             plan.store.path)  # fmt: skip
         return self.result
 
@@ -345,14 +359,15 @@ def segment_slides_ray(
         try:
             check_cpus_left(options)
             ds = build_dataset(chosen, model, options)
+            finished: set[int] = set()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                per_slide: dict[int, list[str]] = {}
-                for s, error in zip(batch["slide"], batch["error"]):
-                    per_slide.setdefault(active[int(s)], []).append(error)
-                for i, outcome in per_slide.items():
-                    errors = [e for e in outcome if e]
-                    progress[i].update(len(outcome) - len(errors), errors)
-                    if progress[i].pending == 0:
+                per_slide: dict[int, list[tuple[int, int, str]]] = {}
+                for s, row, col, error in zip(batch["slide"], batch["row"], batch["col"], batch["error"]):
+                    per_slide.setdefault(active[int(s)], []).append((int(row), int(col), error))
+                for i, outcomes in per_slide.items():
+                    progress[i].update(outcomes)
+                    if progress[i].pending == 0 and i not in finished:
+                        finished.add(i)  # re-delivered blocks after this must not finalize it twice
                         finishing.submit(progress[i].finish)
         except Exception as error:  # pipeline-wide (actor died, predictor error): unfinished slides fail
             pipeline_error = one_line(error)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -63,9 +65,25 @@ def expand_slide_inputs(
     return slides, problems
 
 
+def safe_stem(slide: str | Path) -> str:
+    """A slide's file stem as a portable output name: ASCII letters, digits, ``-``, ``_`` and inner dots.
+
+    Accents are transliterated (é -> e), anything else (spaces, ``/``, ``..``, other scripts) becomes ``_``,
+    so an output name can never leave the output folder or trip up a shell, a URL or another filesystem.
+    """
+    import unicodedata
+
+    stem = Path(str(slide).rstrip("/\\")).stem
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_stem).strip("._")
+    if not cleaned.strip("_"):  # nothing readable left (e.g. a name in another script): keep it unique
+        cleaned = "slide-" + hashlib.sha256(stem.encode()).hexdigest()[:10]
+    return cleaned[:200]
+
+
 def output_path_for(slide: str | Path, out_dir: str | Path) -> Path:
-    """``<out_dir>/<slide stem>.zarr``."""
-    return Path(out_dir) / f"{Path(slide).stem}.zarr"
+    """``<out_dir>/<safe slide stem>.zarr`` (see :func:`safe_stem`); always directly inside ``out_dir``."""
+    return Path(out_dir) / f"{safe_stem(slide)}.zarr"
 
 
 def failed_result(slide: str | Path, output: str | Path, reason: str, level: int = 0) -> SegmentResult:
@@ -79,18 +97,25 @@ def failed_result(slide: str | Path, output: str | Path, reason: str, level: int
 
 def format_table(results: Sequence[SegmentResult]) -> str:
     """Plain-text table, one row per slide: slide, size (w x h), level, tiles run/skipped, s, Mpx/s, output, status."""
-    header = ("slide", "size", "level", "tiles run/skipped", "seconds", "Mpx/s", "output", "status")
+    header = ("slide", "size", "level", "tiles run/skipped", "resumed", "seconds", "Mpx/s", "output", "status")
     rows = [header]
     for r in results:
         size = f"{r.shape[1]}x{r.shape[0]}" if r.shape[0] else "-"
         rows.append((
-            Path(r.slide).name, size, str(r.level), f"{r.tiles_run}/{r.tiles_skipped}", f"{r.seconds:.1f}",
-            f"{r.megapixels_per_second:.2f}", r.output, r.status,
+            Path(r.slide).name, size, str(r.level), f"{r.tiles_run}/{r.tiles_skipped}", _resumed(r),
+            f"{r.seconds:.1f}", f"{r.megapixels_per_second:.2f}", r.output, r.status,
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     lines.insert(1, "-" * (sum(widths) + 2 * len(widths) + len(header[-1])))
     return "\n".join(lines)
+
+
+def _resumed(result: SegmentResult) -> str:
+    """What an earlier run had done: "-" (nothing), "kept" (it was complete) or "N earlier" (tiles resumed)."""
+    if result.kept:
+        return "kept"
+    return f"{result.tiles_done_earlier} earlier" if result.resumed else "-"
 
 
 def build_run_report(
@@ -102,7 +127,13 @@ def build_run_report(
         "started": _iso(started),
         "finished": _iso(finished),
         "seconds": round(finished - started, 3),
-        "summary": {"slides": len(results), "complete": complete, "failed": len(results) - complete},
+        "summary": {
+            "slides": len(results), "complete": complete, "failed": len(results) - complete,
+            "resumed": [r.slide for r in results if r.resumed and not r.kept],
+            "kept": [r.slide for r in results if r.kept],
+            "failures": [{"slide": r.slide, "reason": r.status.removeprefix("failed: ")} for r in results
+                         if r.status != "complete"],
+        },  # fmt: skip
         "settings": settings,
         "slides": [r.to_dict() for r in results],
     }

@@ -20,6 +20,8 @@ from pipeline.slide import SlideError, SlideSource, open_slide
 
 logger = logging.getLogger(__name__)
 
+MAX_UPSAMPLING = 2.0  # a model trained at 0.5 µm/px runs on a 1 µm/px (10x) scan; beyond that, refuse
+
 
 def level_for_mpp(level_mpps: list[float], target: float) -> int:
     """Index of the level whose µm/px is closest at or below ``target`` (level 0 if all are coarser)."""
@@ -67,13 +69,23 @@ def open_at_mpp(source: Any, target_mpp: float, tolerance: float = 0.05) -> Slid
     factor = target_mpp / slide.mpp
     if abs(factor - 1) <= tolerance:
         return slide
+    if factor < 1 / MAX_UPSAMPLING:  # a 10x scan for a 40x model, or pixel-size metadata that is wrong
+        raise SlideError(
+            f"{slide.path or slide.name}: its finest level is {slide.mpp:.4g} µm/px, {1 / factor:.0f}x coarser than "
+            f"the {target_mpp:g} µm/px asked for; upsampling that far invents pixels (and a huge image): "
+            "segment it as it is with --level 0, or check its pixel-size metadata"
+        )
     logger.info("%s: level %d is %.3f µm/px; resampling to %.3f µm/px", slide.name, level, slide.mpp, target_mpp)
     return ResampledSource(slide, factor)
 
 
-def open_for_segmentation(source: Any, level: int | None = None, target_mpp: float | None = None, mpp: float | None = None) -> SlideSource:
-    """The view a run segments: ``level`` if given; else ``target_mpp`` (falling back to level 0 with a
-    warning when the slide has no µm/px); else level 0. ``mpp`` overrides the file's µm/px metadata."""
+def open_for_segmentation(
+    source: Any, level: int | None = None, target_mpp: float | None = None, mpp: float | None = None,
+    require_mpp: bool = False,
+) -> SlideSource:  # fmt: skip
+    """The view a run segments: ``level`` if given; else ``target_mpp``; else level 0. ``mpp`` overrides the
+    file's µm/px metadata. A slide without µm/px cannot honour ``target_mpp``: with ``require_mpp`` (the
+    user asked for that µm/px) it is an error, otherwise (the model's default) level 0 with a warning."""
     if target_mpp is None or level is not None:
         return open_slide(source, level or 0, mpp)
     if mpp is not None:
@@ -83,5 +95,7 @@ def open_for_segmentation(source: Any, level: int | None = None, target_mpp: flo
     except SlideError as error:
         if "no µm/px" not in str(error):
             raise
+        if require_mpp:
+            raise SlideError(f"{error} (--mpp {target_mpp:g} needs the slide's pixel size)") from None
         logger.warning("%s; segmenting level 0", error)
         return open_slide(source, 0)

@@ -47,11 +47,14 @@ class SlideSource:
         except SlideError:
             raise
         except Exception as error:
-            _openslide_handle.cache_clear()  # an OpenSlide handle is unusable after an error: reopen next time
-            raise SlideError(
-                f"{self.path or self.name}: reading level {self.level} region y={y0}:{y1} x={x0}:{x1} failed "
-                f"({type(error).__name__}: {error}); the file may be corrupt: re-export or re-scan it"
-            ) from error
+            raise self._read_error(f"level {self.level} region y={y0}:{y1} x={x0}:{x1}", error) from error
+
+    def _read_error(self, what: str, error: Exception) -> SlideError:
+        _openslide_handle.cache_clear()  # an OpenSlide handle is unusable after an error: reopen next time
+        return SlideError(
+            f"{self.path or self.name}: reading {what} failed ({type(error).__name__}: {error}); "
+            "the file may be corrupt: re-export or re-scan it"
+        )
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         """Slicing for Dask's ``from_array``: basic slices only."""
@@ -164,7 +167,10 @@ class OpenSlideSource(SlideSource):
         if scale >= 1:
             return self.read(0, height, 0, width)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return composite_on_white(np.asarray(self._handle().get_thumbnail(size).convert("RGBA")))
+        try:
+            return composite_on_white(np.asarray(self._handle().get_thumbnail(size).convert("RGBA")))
+        except Exception as error:
+            raise self._read_error("a thumbnail", error) from error
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         origin = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
@@ -271,6 +277,9 @@ def open_slide(source: Any, level: int = 0, mpp: float | None = None) -> SlideSo
 def _open_file(path: Path, level: int) -> SlideSource:
     import openslide
 
+    if path.stat().st_size == 0:
+        raise SlideError(f"{path}: the file is empty (0 bytes); the copy or download was interrupted: copy it again")
+
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except Exception:  # detect_format raises on unreadable files in some versions
@@ -281,17 +290,18 @@ def _open_file(path: Path, level: int) -> SlideSource:
         except openslide.OpenSlideError as error:
             _openslide_handle.cache_clear()
             raise SlideError(f"{path}: OpenSlide cannot open it ({error}); check the file is complete, or convert it to a tiled pyramidal TIFF") from None
-    if path.suffix.lower() in (".tif", ".tiff"):
+    head = path.read_bytes()[:4] if path.is_file() else b""
+    if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # a (Big)TIFF, including SVS-like files
         try:
             return TiffSource(str(path), level)
         except SlideError:
             raise
         except Exception as error:
             raise SlideError(
-                f"{path}: neither OpenSlide nor tifffile can read this TIFF ({type(error).__name__}: {error}); "
-                "convert it to a tiled pyramidal TIFF (e.g. with vips tiffsave --tile --pyramid)"
+                f"{path}: a TIFF that neither OpenSlide nor tifffile can read ({type(error).__name__}: {error}); "
+                "it may be truncated or corrupt: copy or re-export it, or convert it to a tiled pyramidal TIFF"
             ) from None
     raise SlideError(
-        f"{path}: not a slide format this tool reads (OpenSlide formats, TIFF, Zarr); "
-        "convert it to a tiled pyramidal TIFF or OME-Zarr"
+        f"{path}: not a slide ({path.stat().st_size} bytes starting {head!r}): OpenSlide does not recognise it and it "
+        "is not a TIFF or Zarr; check the file, or convert it to a tiled pyramidal TIFF or OME-Zarr"
     )

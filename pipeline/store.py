@@ -11,14 +11,22 @@ Layout of ``<slide>.zarr`` (documented in the README)::
     tiles/state                     (rows, cols) uint8: 0 pending, 1 segmented, 2 skipped (no tissue); chunk 1 x 1
 
 A tile's valid centre covers whole chunks, so its write is independent of every other tile (no
-read-modify-write, no locks; a retried tile rewrites the same bytes). The tile's state is written after
-its pixels, and the group is marked complete only after the pyramid, so a crash never leaves a store
-that looks finished and ``resume`` re-runs exactly the tiles without state.
+read-modify-write, no locks; a retried tile rewrites the same bytes). Crash safety, in order:
+
+- the store is built in ``<name>.zarr.creating-<pid>`` (arrays, metadata, tissue mask, skipped tiles) and
+  renamed into place, so ``<name>.zarr`` is either absent or fully created;
+- a tile's chunk files are fsync'ed before its state is written, so "done" means durably on disk;
+- ``status: complete`` is written last (zarr writes ``zarr.json`` by temp file + rename), only after
+  ``tiles/state`` shows every tile done or skipped and the pyramid is built;
+- the metadata depends on the slide and settings only (counts come from ``tiles/state``), so a store
+  finished by ``resume`` is byte-identical to one written in a single run.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,34 +76,66 @@ class OutputStore:
         return self._array(f"{LABELS_PATH}/{level}")
 
     def write_tile(self, tile: Tile, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
-        """Write one tile's valid centre (whole chunks only) and then mark it done."""
+        """Write one tile's valid centre (whole chunks only), make it durable, then mark it done."""
         y0, x0, y1, x1 = tile.box
-        self.labels()[y0:y1, x0:x1] = labels[: tile.height, : tile.width]
+        written = [self.labels()]
+        written[0][y0:y1, x0:x1] = labels[: tile.height, : tile.width]
         if probabilities is not None:
-            self._array("probabilities/0")[:, y0:y1, x0:x1] = probabilities[:, : tile.height, : tile.width]
+            written.append(self._array("probabilities/0"))
+            written[1][:, y0:y1, x0:x1] = probabilities[:, : tile.height, : tile.width]
+        for array in written:
+            sync_region(self.path, array, tile.box)
         self._array("tiles/state")[tile.row, tile.col] = TILE_DONE
-
-    def mark_skipped(self, tiles: list[Tile]) -> None:
-        """Record background tiles in one write; called by the driver before any worker starts."""
-        if not tiles:
-            return
-        array = self._array("tiles/state")
-        states = array[...]
-        for tile in tiles:
-            states[tile.row, tile.col] = TILE_SKIPPED
-        array[...] = states
 
     def tile_states(self) -> np.ndarray:
         return zarr.open_array(f"{self.path}/tiles/state", mode="r")[...]
 
-    def finalize(self, extra: dict[str, Any] | None = None) -> None:
-        """Build the viewer pyramid from level 0 and mark the store complete (last, so never on failure)."""
+    def finalize(self) -> None:
+        """Build the viewer pyramid and mark the store complete: last, and only if every tile is in."""
+        states = self.tile_states()
+        missing = int((states == TILE_PENDING).sum())
+        if missing:
+            raise RuntimeError(f"{self.path}: {missing} tiles are not written yet; not marking it complete")
         build_pyramid(self.path)
         root = self.root
         info = dict(root.attrs["wsi_unet"])
-        info.update(extra or {})
+        info.update(tiles_segmented=int((states == TILE_DONE).sum()), tiles_skipped=int((states == TILE_SKIPPED).sum()))
         info["status"] = "complete"
         root.attrs["wsi_unet"] = info
+
+    @property
+    def status(self) -> str | None:
+        return (read_provenance(Path(self.path)) or {}).get("status")
+
+
+def sync_region(store_path: str, array: zarr.Array, box: tuple[int, int, int, int]) -> None:
+    """fsync the chunk files (and their folders) that cover ``box`` = (y0, x0, y1, x1) of ``array``.
+
+    zarr writes each chunk by temp file + rename but never fsyncs, so without this a power loss after a
+    tile is marked done could lose its pixels. Chunks equal to the fill value are not stored: nothing to sync.
+    """
+    y0, x0, y1, x1 = box
+    cy, cx = array.chunks[-2:]
+    folders = set()
+    lead = (0,) * (array.ndim - 2)  # class axis of probabilities: one chunk spans all classes
+    for i in range(y0 // cy, -(-y1 // cy)):
+        for j in range(x0 // cx, -(-x1 // cx)):
+            chunk_file = Path(store_path, array.path, array.metadata.encode_chunk_key((*lead, i, j)))
+            try:
+                fd = os.open(chunk_file, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.add(chunk_file.parent)
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def pyramid_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
@@ -104,6 +144,36 @@ def pyramid_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
     while max(shapes[-1]) > chunk:
         shapes.append(tuple(-(-s // 2) for s in shapes[-1]))
     return shapes
+
+
+def open_existing_store(
+    path: str | Path, grid: TileGrid, provenance: dict[str, Any], *, overwrite: bool = False, resume: bool = False
+) -> OutputStore | None:
+    """The existing store at ``path`` to resume, or None when a new one is to be created.
+
+    Refuses (:class:`OutputExistsError`) an existing output unless ``resume`` and it was made with the
+    same settings, or ``overwrite`` (then None: the caller creates a new one that replaces it).
+    """
+    path = Path(path)
+    remove_stale_siblings(path)
+    if not path.exists():
+        return None
+    if overwrite:
+        return None
+    existing = read_provenance(path)
+    if resume and existing is not None:
+        _check_resumable(path, existing, provenance)
+        store = OutputStore(str(path), grid)
+        if existing.get("status") != "complete":
+            removed = remove_partial_files(path)
+            logger.info("%s: resuming (%d tiles done earlier%s)", path, int((store.tile_states() > 0).sum()),
+                        f", {removed} stray temp files removed" if removed else "")  # fmt: skip
+        return store
+    what = "a complete result" if (existing or {}).get("status") == "complete" else "an unfinished or foreign store"
+    raise OutputExistsError(
+        f"{path}: output exists ({what}); pass overwrite=True (--overwrite) to replace it"
+        + (" or resume=True to finish it" if existing is not None and not resume else "")
+    )
 
 
 def create_output_store(
@@ -115,26 +185,38 @@ def create_output_store(
     mpp: float | None,
     provenance: dict[str, Any],
     probabilities: bool = False,
-    overwrite: bool = False,
-    resume: bool = False,
+    tissue_mask: np.ndarray | None = None,
+    skipped: list[Tile] = (),
 ) -> OutputStore:
-    """Create the store's arrays once, in the driver; or reopen it for ``resume`` if it matches."""
-    path = Path(path)
-    store = OutputStore(str(path), grid)
-    if path.exists():
-        existing = _read_provenance(path)
-        if resume and existing is not None:
-            _check_resumable(path, existing, provenance)
-            logger.info("%s: resuming (%d tiles already done)", path, int((store.tile_states() > 0).sum()))
-            return store
-        if not overwrite:
-            what = "a complete result" if (existing or {}).get("status") == "complete" else "an unfinished or foreign store"
-            raise OutputExistsError(
-                f"{path}: output exists ({what}); pass overwrite=True (--overwrite) to replace it"
-                + (" or resume=True (--resume) to finish it" if existing is not None else "")
-            )
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    """Create the store once, in the driver, atomically: built beside ``path`` and renamed into place.
 
+    An existing store at ``path`` is replaced only after the new one is complete on disk (callers
+    decide whether that is allowed, see :func:`open_existing_store`). ``tissue_mask`` (low resolution)
+    is kept under ``tissue/mask``; ``skipped`` tiles are recorded as such in ``tiles/state``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    building = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    try:
+        _build_store(building, grid, chunk, class_names, mpp, provenance, probabilities, tissue_mask, skipped)
+        if path.exists():  # overwrite: move the old one aside first, so a crash never leaves neither
+            retired = path.with_name(f"{path.name}.replaced-{os.getpid()}")
+            os.replace(path, retired)
+            os.replace(building, path)
+            _remove(retired)
+        else:
+            os.replace(building, path)
+    except BaseException:
+        _remove(building)
+        raise
+    return OutputStore(str(path), grid)
+
+
+def _build_store(
+    path: Path, grid: TileGrid, chunk: int, class_names: list[str], mpp: float | None, provenance: dict[str, Any],
+    probabilities: bool, tissue_mask: np.ndarray | None, skipped: list[Tile],
+) -> None:  # fmt: skip
     num_classes = len(class_names)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs["ome"] = {"version": "0.5"}
@@ -163,9 +245,41 @@ def create_output_store(
             fill_value=0, dimension_names=["c", "y", "x"],
         )  # fmt: skip
         group.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales("probabilities", ["c", "y", "x"], 1, mpp)]}
+    if tissue_mask is not None:
+        group = root.create_group("tissue")
+        group.create_array("mask", data=tissue_mask.astype(np.uint8), chunks=tissue_mask.shape, dimension_names=["y", "x"])
+        group.attrs["scale"] = float(tissue_mask.shape[0] / grid.shape[0])  # mask pixels per segmented-level pixel
+    states = np.zeros((grid.rows, grid.cols), dtype=np.uint8)
+    for tile in skipped:
+        states[tile.row, tile.col] = TILE_SKIPPED
     tiles = root.create_group("tiles")
-    tiles.create_array("state", shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0)
-    return store
+    tiles.create_array("state", shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0)[...] = states
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove what a killed creation left beside ``path`` (the caller holds the store's lock, so they are stale)."""
+    for sibling in path.parent.glob(f"{glob.escape(path.name)}.*-*"):
+        if sibling.name.rsplit("-", 1)[0] in (f"{path.name}.creating", f"{path.name}.replaced"):
+            logger.info("%s: removing %s left by an interrupted run", path, sibling.name)
+            _remove(sibling)
+
+
+def remove_partial_files(path: Path) -> int:
+    """Delete zarr's ``*.partial`` temp files that a killed writer left (a resumed store must hold none)."""
+    removed = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _multiscales(name: str, axes: list[str], levels: int, mpp: float | None) -> dict[str, Any]:
@@ -179,14 +293,16 @@ def _multiscales(name: str, axes: list[str], levels: int, mpp: float | None) -> 
     return {"name": name, "axes": axis_meta, "datasets": datasets}
 
 
-def _read_provenance(path: Path) -> dict[str, Any] | None:
+def read_provenance(path: Path) -> dict[str, Any] | None:
     try:
         return dict(zarr.open_group(str(path), mode="r").attrs["wsi_unet"])
     except Exception:
         return None
 
 
-RESUME_KEYS = ("source", "level", "shape", "tile_size", "chunk", "halo", "model_checksum", "probabilities")
+RESUME_KEYS = (
+    "source", "level", "shape", "mpp", "tile_size", "chunk", "halo", "model_checksum", "probabilities", "tissue",
+)  # fmt: skip
 
 
 def _check_resumable(path: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:

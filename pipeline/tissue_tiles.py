@@ -1,22 +1,22 @@
 """Apply a tissue mask to a slide's tile plan: tiles without tissue are never read or run.
 
-The mask is computed once per slide from a low-resolution thumbnail (or supplied by the user), stored
-in the output (``tissue/mask``) for inspection, and the skipped tiles are recorded as such in
-``tiles/state``; their pixels stay background (the label array's fill value).
+The mask is computed once per slide from a low-resolution thumbnail (or supplied by the user) before the
+output store exists; the store is then created with the mask (``tissue/mask``, for inspection and
+downstream tissue areas) and with the skipped tiles already recorded in ``tiles/state``, so their pixels
+stay background (the label array's fill value) and a resumed run never needs the mask again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.geometry import Tile, TileGrid
 from pipeline.slide import SlideSource
-from pipeline.store import OutputStore
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +39,24 @@ def slide_tissue_mask(slide: SlideSource, tissue_mask: Any) -> np.ndarray:
     return mask
 
 
-def select_tissue_tiles(
-    slide: SlideSource, grid: TileGrid, pending: list[Tile], tissue_mask: Any, store: OutputStore
-) -> tuple[list[Tile], list[Tile]]:
-    """Split ``pending`` into (tiles to run, tiles skipped as background) and record both in the store."""
+def describe_tissue_option(tissue_mask: Any) -> str:
+    """What decided the skipped tiles, for provenance: a resumed run must use the same (stores compare it)."""
+    if tissue_mask is None:
+        return "none"
+    if tissue_mask is True:
+        return "detected"
+    if isinstance(tissue_mask, (str, Path)):
+        return f"image sha256:{hashlib.sha256(Path(tissue_mask).read_bytes()).hexdigest()[:16]}"
+    return f"array sha256:{hashlib.sha256(np.ascontiguousarray(np.asarray(tissue_mask, dtype=bool))).hexdigest()[:16]}"
+
+
+def split_tissue_tiles(grid: TileGrid, tiles: list[Tile], mask: np.ndarray) -> tuple[list[Tile], list[Tile]]:
+    """Split ``tiles`` into (tiles to run, tiles skipped as background) by the mask (pure: writes nothing)."""
     from pipeline import tissue
 
-    mask = slide_tissue_mask(slide, tissue_mask)
     scale = mask.shape[0] / grid.shape[0]
-    keep = tissue.tiles_with_tissue(mask, scale, [tile.box for tile in pending])
-    run = [tile for tile, k in zip(pending, keep) if k]
-    skipped = [tile for tile, k in zip(pending, keep) if not k]
-    root = zarr.open_group(store.path, mode="r+")
-    if "tissue" not in root:
-        group = root.create_group("tissue")
-        group.create_array("mask", data=mask.astype(np.uint8), chunks=mask.shape, dimension_names=["y", "x"])
-        group.attrs["scale"] = float(scale)  # mask pixels per segmented-level pixel
-    store.mark_skipped(skipped)
-    logger.info("%s: %d of %d tiles hold tissue", slide.name, len(run), len(pending))
+    keep = tissue.tiles_with_tissue(mask, scale, [tile.box for tile in tiles])
+    run = [tile for tile, k in zip(tiles, keep) if k]
+    skipped = [tile for tile, k in zip(tiles, keep) if not k]
+    logger.info("%d of %d tiles hold tissue", len(run), len(tiles))
     return run, skipped

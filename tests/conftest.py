@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -65,3 +66,27 @@ def random_image(height: int, width: int, channels: int = 3, seed: int = 0) -> n
     yy, xx = np.mgrid[0:height, 0:width]
     base = 127 + 60 * np.sin(yy / 7.0)[..., None] * np.cos(xx / 11.0)[..., None]
     return np.clip(base + rng.normal(0, 40, (height, width, channels)), 0, 255).astype(np.uint8)
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store, by relative path, with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def assert_identical_stores(actual: Path, expected: Path) -> None:
+    """Same files with the same bytes: what "a resumed or retried run equals an uninterrupted one" means."""
+    got, want = store_files(actual), store_files(expected)
+    assert sorted(got) == sorted(want), f"different files: {sorted(set(got) ^ set(want))[:10]}"
+    differ = [name for name in want if got[name] != want[name]]
+    assert not differ, f"files with other bytes: {differ[:10]}"
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run torch with ``count`` intra-op threads (an actor with ``cpus_per_actor=count`` does the same)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

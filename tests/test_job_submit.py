@@ -65,17 +65,23 @@ def head_node():
     if shutil.which(RAY) is None and not Path(RAY).exists():
         pytest.skip("the `ray` command is not installed beside this Python")
     temp_dir = tempfile.mkdtemp(prefix="wsi-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-    start = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-        # the agent's default port (52365) is taken if any other Ray runs on this machine: jobs then fail
-        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-    ]  # fmt: skip
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
+        for attempt in (1, 2):  # a free port can be taken by another process before Ray binds it: once more
+            dashboard = free_port()
+            start = [
+                RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+                f"--temp-dir={temp_dir}",
+                # the agent's default port (52365) is taken if any other Ray runs on this machine: jobs then fail
+                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            ]  # fmt: skip
+            started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+            if started.returncode == 0:
+                break
+            stop_processes_mentioning(temp_dir)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
         yield {"env": env, "address": f"http://127.0.0.1:{dashboard}"}
     finally:
         stop_processes_mentioning(temp_dir)

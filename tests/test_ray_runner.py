@@ -21,7 +21,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import shared_file, varied_unet
+from conftest import shared_file, torch_threads, varied_unet
 from pipeline.engine import plan_slide, segment_slide
 from pipeline.ray_runner import RayOptions, check_plans, interleave, one_line, segment_slides_ray
 from pipeline.report import expand_slide_inputs, failed_result, format_table, output_path_for
@@ -29,16 +29,6 @@ from pipeline.report import expand_slide_inputs, failed_result, format_table, ou
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "jobs" / "segment_slides.py"
 SEED = 3
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +201,7 @@ def test_cli_help_mentions_every_option():
     done = run_cli("--help", timeout=60)
     assert done.returncode == 0, done.stderr
     for option in ("--out", "--model", "--level", "--tile-size", "--batch-size", "--actors", "--gpus-per-actor",
-                   "--amp", "--compile", "--probabilities", "--overwrite", "--resume", "--address",
+                   "--amp", "--compile", "--probabilities", "--overwrite", "resumes", "--address",
                    "--no-tissue-mask", "--tissue-mask", "--num-cpus", "bf16", "fp16", "off"):  # fmt: skip
         assert option in done.stdout, option
 
@@ -244,7 +234,9 @@ def test_cli_end_to_end(model, tmp_path):
     store = out / "small-16px.zarr"
     assert status_of(store) == "complete"
     report = json.loads((out / "run-report.json").read_text())
-    assert report["summary"] == {"slides": 2, "complete": 1, "failed": 1}
+    summary = report["summary"]
+    assert (summary["slides"], summary["complete"], summary["failed"], summary["resumed"], summary["kept"]) == (2, 1, 1, [], [])
+    assert summary["failures"] == [{"slide": str(missing), "reason": f"{missing}: no such slide file or directory; check the path"}]
     by_name = {Path(s["slide"]).name: s for s in report["slides"]}
     assert by_name["small-16px.svs"]["status"] == "complete" and by_name["small-16px.svs"]["tiles_run"] == 1
     assert by_name["missing.svs"]["status"].startswith("failed: ")
@@ -255,11 +247,20 @@ def test_cli_end_to_end(model, tmp_path):
         segment_slide(slide, tmp_path / "ref.zarr", artifact, tile_size=256)
     assert_same_store(store, tmp_path / "ref.zarr")
 
-    # Existing output without --overwrite/--resume: a clear error, the store untouched, no Ray needed.
+    # The same command again: the complete store is kept untouched and reported as kept.
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
     again = run_cli(str(slide), "--out", str(out), "--model", str(artifact), "--no-tissue-mask", "--num-cpus", "2")
-    assert again.returncode == 1
-    assert "output exists" in again.stderr and "--overwrite" in again.stderr, again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "kept" in again.stdout and "complete" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+    summary = json.loads((out / "run-report.json").read_text())["summary"]
+    assert summary["kept"] == [str(slide)] and summary["resumed"] == []
+
+    # Another model on the same output: refused with a clear reason, the store untouched.
+    other = save_model(varied_unet(SEED + 1), tmp_path / "other.pt")
+    refused = run_cli(str(slide), "--out", str(out), "--model", str(other), "--no-tissue-mask", "--num-cpus", "2")
+    assert refused.returncode == 1
+    assert "other settings (model_checksum)" in refused.stderr and "--overwrite" in refused.stderr, refused.stderr
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
     assert status_of(store) == "complete"
 

@@ -51,7 +51,7 @@ def test_bad_slides_get_one_line_errors_naming_the_file(tmp_path):
     with pytest.raises(SlideError, match="nope.svs: no such slide"):
         open_slide(tmp_path / "nope.svs")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(SlideError, match="notes.txt: not a slide format"):
+    with pytest.raises(SlideError, match=r"notes.txt: not a slide \("):
         open_slide(tmp_path / "notes.txt")
     with pytest.raises(SlideError, match="uint8"):
         open_slide(np.zeros((4, 4, 3), dtype=np.float32))

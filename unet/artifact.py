@@ -94,6 +94,18 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> UN
     return model.eval()
 
 
+def model_checksum(model: torch.nn.Module) -> str:
+    """The artifact's sha256 when the model was loaded from one, else a sha256 of its weights and config
+    (so a store can tell which model made it even for models that never touched a file)."""
+    if getattr(model, "checksum", None):
+        return model.checksum
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "weights:" + digest.hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -1,0 +1,101 @@
+"""Segment one slide on a local multi-node Ray cluster (127.0.0.1) while faults hit it; prints a JSON summary.
+
+Used by tests/test_faults.py in a subprocess, because it needs a Ray cluster of its own. Topology: a head
+node with no CPUs (the driver only) and worker node A; after ``--kill-after`` tiles the model actor's
+process is killed with SIGKILL, after ``--remove-after`` tiles worker node B joins and node A (with the
+restarted actor, the read and write tasks and their objects) is removed.
+
+    python tests/fault_cluster.py SLIDE OUT.zarr MODEL.pt --kill-after 10 --remove-after 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def tiles_done(store: Path) -> int:
+    folder = store / "tiles" / "state" / "c"
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def model_actor_pids() -> list[int]:
+    """Processes of Ray Data's map actors (their title is ``ray::MapWorker(...)``)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if title.startswith("ray::") and "MapWorker" in title:
+                pids.append(int(entry))
+    return pids
+
+
+def inject(cluster, node_a, store: Path, kill_after: int, remove_after: int, log: dict) -> None:
+    while tiles_done(store) < kill_after:
+        time.sleep(0.05)
+    pids = model_actor_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    log["killed_actor_pids"], log["killed_at_tiles"] = pids, tiles_done(store)
+    while tiles_done(store) < remove_after:
+        time.sleep(0.05)
+    cluster.add_node(num_cpus=2)
+    cluster.remove_node(node_a, allow_graceful=False)
+    log["removed_node_at_tiles"] = tiles_done(store)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("slide")
+    parser.add_argument("out")
+    parser.add_argument("model")
+    parser.add_argument("--kill-after", type=int, default=10)
+    parser.add_argument("--remove-after", type=int, default=30)
+    args = parser.parse_args()
+
+    from pipeline.ray_setup import loopback_only
+
+    loopback_only()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.engine import plan_slide
+    from pipeline.ray_runner import segment_slides_ray
+    from unet import load_model
+
+    env = {"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    node_a = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
+    model = load_model(args.model)
+    plan = plan_slide(args.slide, args.out, model, tile_size=256)
+    log: dict = {"tiles": len(plan.tiles)}
+    results: list = []
+    run = threading.Thread(  # the run in a thread: adding and removing nodes must happen on the main thread
+        target=lambda: results.extend(segment_slides_ray([plan], model, actors=1, batch_size=2, progress=False)),
+        daemon=True,
+    )
+    run.start()
+    inject(cluster, node_a, Path(args.out), args.kill_after, args.remove_after, log)
+    run.join()
+    (result,) = results
+    log.update(status=result.status, tiles_run=result.tiles_run)
+    print("RESULT " + json.dumps(log), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
