@@ -49,18 +49,29 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarr
     return out.round().astype(np.uint8)
 
 
+def preview_labels(store_path: str | Path, max_side: int = 1024) -> np.ndarray:
+    """The smallest pyramid level of the mask whose longer side is still >= ``max_side`` (else level 0)."""
+    group = zarr.open_group(f"{store_path}/{LABELS_PATH}", mode="r")
+    levels = sorted(int(k) for k in group.array_keys())
+    level = next((k for k in reversed(levels) if max(group[str(k)].shape) >= max_side), levels[0])
+    return group[str(level)][...]
+
+
+def thumbnail_like(slide, shape: tuple[int, int]) -> np.ndarray:
+    """The slide's RGB thumbnail resized to ``shape`` (h, w), e.g. to lie under a pyramid level of the mask."""
+    from PIL import Image
+
+    thumb = slide.thumbnail(max(shape))
+    thumb = np.repeat(thumb, 3, axis=2) if thumb.shape[2] == 1 else thumb[..., :3]
+    return np.asarray(Image.fromarray(thumb).resize(shape[::-1]))
+
+
 def write_preview(store_path: str | Path, slide, png_path: str | Path, max_side: int = 1024) -> Path:
     """A PNG of the slide thumbnail with the mask overlaid, from the smallest pyramid level >= max_side."""
     from PIL import Image
 
-    group = zarr.open_group(f"{store_path}/{LABELS_PATH}", mode="r")
-    levels = sorted(int(k) for k in group.array_keys())
-    level = next((k for k in reversed(levels) if max(group[str(k)].shape) >= max_side), levels[0])
-    labels = group[str(level)][...]
-    thumb = slide.thumbnail(max(labels.shape))
-    thumb = np.repeat(thumb, 3, axis=2) if thumb.shape[2] == 1 else thumb[..., :3]
-    thumb = np.asarray(Image.fromarray(thumb).resize(labels.shape[::-1]))
-    picture = Image.fromarray(overlay(thumb, labels))
+    labels = preview_labels(store_path, max_side)
+    picture = Image.fromarray(overlay(thumbnail_like(slide, labels.shape), labels))
     if max(picture.size) > max_side:
         picture.thumbnail((max_side, max_side), Image.Resampling.NEAREST)
     png_path = Path(png_path)
