@@ -95,7 +95,7 @@ def open_store(path: str | Path) -> StoreInfo:
     status = provenance.get("status")
     if status != "complete":
         raise ResultStoreError(
-            f"{path}: result is not complete (status {status!r}); finish it with segment_slides.py --resume"
+            f"{path}: result is not complete (status {status!r}); rerun the segment_slides.py command that made it to finish it"
         )
     names = [p["class"] for p in ome.get("image-label", {}).get("properties", [])] or provenance.get("class_names")
     return StoreInfo(path, provenance, list(names), labels)

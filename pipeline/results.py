@@ -22,7 +22,7 @@ def open_result(path: str | Path, level: int = 0):
     root = zarr.open_group(str(path), mode="r")
     info = dict(root.attrs["wsi_unet"])
     if info.get("status") != "complete":
-        raise ValueError(f"{path}: result is not complete (status {info.get('status')!r}); finish it with --resume")
+        raise ValueError(f"{path}: result is not complete (status {info.get('status')!r}); rerun the segment_slides.py command that made it to finish it")
     group = root[LABELS_PATH]
     ome = dict(group.attrs["ome"])
     dataset = ome["multiscales"][0]["datasets"][level]
