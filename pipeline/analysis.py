@@ -14,7 +14,6 @@ detector runs on the slide's thumbnail (``detect_tissue``), and failing that the
 from __future__ import annotations
 
 import csv
-import glob
 import logging
 import math
 import re
@@ -29,6 +28,7 @@ import zarr
 
 from pipeline.components import ComponentOptions, Components, connected_components
 from pipeline.coordinates import store_level0_downsample
+from pipeline.inputs import InputKind, expand_inputs
 from pipeline.store import LABELS_PATH
 
 logger = logging.getLogger(__name__)
@@ -123,38 +123,21 @@ def resolve_classes(class_names: Sequence[str], wanted: Iterable[str | int] | No
     return sorted(set(indices))
 
 
+def is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+STORES = InputKind(
+    is_item=is_store, plural="result stores", missing="no such result store", folder_hint=" (<slide>.zarr folders)",
+    in_folder=lambda p: p.suffix == ".zarr" and is_store(p),  # not the .creating-<pid> folder of a running job
+)  # fmt: skip
+
+
 def find_stores(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Stores named by paths, directories of stores (not recursive) and glob patterns, in order without
-    duplicates; and [(input, reason)] for inputs that name none. A store is a folder with a ``zarr.json``;
-    in a directory, only ``*.zarr`` ones (not the ``.creating-<pid>`` folders of a run in progress)."""
-    found: list[Path] = []
-    problems: list[tuple[str, str]] = []
-
-    def add(path: Path) -> None:
-        if path.resolve() not in {p.resolve() for p in found}:
-            found.append(path)
-
-    for item in inputs:
-        path = Path(item)
-        if (path / "zarr.json").is_file() or (path.exists() and not path.is_dir()):
-            add(path)  # a store, or a file that open_store will reject with a reason
-        elif path.is_dir():
-            stores = sorted(
-                p for p in path.glob("*.zarr") if (p / "zarr.json").is_file() and not p.name.startswith(".")
-            )
-            if not stores:
-                problems.append((item, f"{item}: directory holds no result stores (<slide>.zarr folders)"))
-            for store in stores:
-                add(store)
-        elif glob.has_magic(item):
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m, "zarr.json").is_file())
-            if not matches:
-                problems.append((item, f"{item}: no result stores match this pattern"))
-            for store in matches:
-                add(store)
-        else:
-            problems.append((item, f"{item}: no such result store; check the path"))
-    return found, problems
+    """Stores named by paths, directories of ``*.zarr`` stores (not recursive) and glob patterns, in order
+    without duplicates; and [(input, reason)] for inputs that name none. A store is a folder with a
+    ``zarr.json``; a named file is kept so that opening it reports what is wrong with it."""
+    return expand_inputs(inputs, STORES)
 
 
 # --------------------------------------------------------------------------- tissue

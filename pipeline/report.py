@@ -4,7 +4,6 @@ the per-slide summary table and the JSON run report (``<out>/run-report.json``).
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import hashlib
 import json
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline.engine import SegmentResult
+from pipeline.inputs import InputKind, expand_inputs
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".zarr")
 REPORT_NAME = "run-report.json"
@@ -22,47 +22,22 @@ def is_slide_path(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_EXTENSIONS
 
 
+SLIDES = InputKind(
+    is_item=is_slide_path, plural="slides", missing="no such slide file or directory",
+    folder_hint=f" ({', '.join(SLIDE_EXTENSIONS)})",
+)  # fmt: skip
+
+
 def expand_slide_inputs(
     inputs: Iterable[str], exclude: str | Path | None = None
 ) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Turn slide files, directories (their slide files, not recursive) and globs into slide paths.
+    """Slide files, directories (their slide files, not recursive) and globs as slide paths.
 
     ``*.zarr`` directories are slides, not folders to search. Anything under ``exclude`` (the output
-    folder) is left out, so outputs are never taken for inputs. Returns (slides in order without
-    duplicates, [(input, reason)] for inputs that name no slide).
+    folder) is left out. Returns (slides in order without duplicates, [(input, reason)] for inputs that
+    name no slide).
     """
-    slides: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    seen: set[Path] = set()
-
-    def add(path: Path) -> None:
-        resolved = path.resolve()
-        if excluded is not None and (resolved == excluded or excluded in resolved.parents):
-            return
-        if resolved not in seen:
-            seen.add(resolved)
-            slides.append(path)
-
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir() and not is_slide_path(path):
-            found = sorted(p for p in path.iterdir() if is_slide_path(p) and not p.name.startswith("."))
-            if not found:
-                problems.append((item, f"{item}: directory holds no slides ({', '.join(SLIDE_EXTENSIONS)})"))
-            for p in found:
-                add(p)
-        elif path.exists():
-            add(path)
-        elif glob.has_magic(item):
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if is_slide_path(Path(m)))
-            if not matches:
-                problems.append((item, f"{item}: no slides match this pattern"))
-            for p in matches:
-                add(p)
-        else:
-            problems.append((item, f"{item}: no such slide file or directory; check the path"))
-    return slides, problems
+    return expand_inputs(inputs, SLIDES, exclude)
 
 
 def safe_stem(slide: str | Path) -> str:

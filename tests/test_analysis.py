@@ -159,7 +159,7 @@ def test_unfinished_missing_and_foreign_stores_are_refused_with_a_reason(mask, t
     running = make_store(tmp_path / "running.zarr", mask, chunk=64)
     root = zarr.open_group(str(running), mode="r+")
     root.attrs["wsi_unet"] = {**dict(root.attrs["wsi_unet"]), "status": "running"}
-    with pytest.raises(ResultStoreError, match=r"running\.zarr: result is not complete.*--resume"):
+    with pytest.raises(ResultStoreError, match=r"running\.zarr: result is not complete.*rerun the segment_slides.py command"):
         open_store(running)
     with pytest.raises(ResultStoreError, match="no such result store"):
         open_store(tmp_path / "absent.zarr")
