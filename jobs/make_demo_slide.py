@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--tile", type=_positive_int, default=256, help="TIFF tile side, multiple of 16 (default 256)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    p.add_argument("--tissue", type=float, default=0.5,
+                   help="fraction of the slide covered by tissue sections before lumens (default 0.5: ~48%% tissue)")
     p.add_argument("--mask", type=Path, help="mask output path (default: OUT with '-mask.tiff' replacing the suffix)")
     return p.parse_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         demo = make_demo_slide(args.out, height=height, width=width, mpp=args.mpp, seed=args.seed, tile=args.tile,
-                               jpeg_quality=args.quality, mask_path=args.mask)  # fmt: skip
+                               jpeg_quality=args.quality, mask_path=args.mask, tissue=args.tissue)  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,8 @@ class TilePredictor:
 
     Build it once per process / actor (the model is moved and optionally compiled here), then call it
     per batch. ``batch_size`` matters only with ``compile``: batches are padded to it for static shapes.
+    ``compile``: True (CUDA graphs via mode "reduce-overhead" on CUDA, the default mode on CPU) or a
+    torch.compile mode name. ``channels_last``: None = on CUDA only (the fast layout for cuDNN).
     """
 
     model: torch.nn.Module
@@ -51,22 +53,28 @@ class TilePredictor:
     device: str | torch.device = "auto"
     amp: str | None = None
     probabilities: bool = False
-    compile: bool = False
+    compile: bool | str = False
     batch_size: int | None = None
+    channels_last: bool | None = None
     _forward: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
         self.amp_dtype = resolve_amp(self.amp, self.device)
         self.model = self.model.to(self.device).eval()
-        if self.device.type == "cuda":
+        if self.channels_last is None:
+            self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self._forward = self._step
         if self.compile:
             if self.batch_size is None:
                 raise ValueError("compile=True needs a fixed batch_size (batches are padded to it)")
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            mode = self.compile if isinstance(self.compile, str) else None
+            if self.compile is True and self.device.type == "cuda":
+                mode = "reduce-overhead"
             self._forward = torch.compile(self._step, mode=mode, dynamic=False)
 
     @classmethod
@@ -75,7 +83,7 @@ class TilePredictor:
 
     def _step(self, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = windows.permute(0, 3, 1, 2).float().div_(255.0)
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)

@@ -248,6 +248,10 @@ def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: R
     # Reads are CPU tasks. With GPU actors (or multi-CPU ones) they run beside the forward passes; Ray Data
     # fuses them into the actors only when both ask for the same resources (1-CPU CPU actors), where
     # reading in the actor costs no more CPU and saves moving the windows through the object store.
+    # Keep that fusion where CPUs are few: unfused on 2 CPUs, Ray Data's resource allocator gave the one
+    # free CPU to the reads and none to the writes, so every label tile queued in the object store until
+    # the last read (benchmarks, 2026-11-21: 1257 blocks, 314 MiB queued at 1 gigapixel). Any remote
+    # argument the actors have and the reads lack (max_concurrency, memory, ...) undoes the fusion.
     ds = ds.map_batches(ReadWindows([p.slide for p in plans], grids), batch_size=None, batch_format="numpy", num_cpus=1)
     ds = ds.map_batches(
         Predict,

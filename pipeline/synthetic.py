@@ -107,7 +107,7 @@ def _noise_pts(y, x, cell_y: float, cell_x: float, salt: int) -> np.ndarray:
 class _Model:
     """The slide as a function of position: tissue sections, lumens, stroma and nuclei."""
 
-    def __init__(self, height: int, width: int, mpp: float, seed: int) -> None:
+    def __init__(self, height: int, width: int, mpp: float, seed: int, tissue: float = 0.5) -> None:
         self.height, self.width, self.seed = height, width, seed
         self.s = s = 0.5 / mpp  # pixels per 0.5 um: nuclei and textures keep their physical size
         big = max(height, width)
@@ -123,7 +123,8 @@ class _Model:
             cy, cx, ry, rx = (across, along, r_across, r_along) if wide else (along, across, r_along, r_across)
             self.blobs.append((cy, cx, ry, rx, rng.uniform(-0.3, 0.3)))
         sy, sx = np.linspace(0, height - 1, min(height, 384)), np.linspace(0, width - 1, min(width, 384))
-        self.threshold = float(np.median(self._field(sy, sx, grid=True)))  # about half the slide is tissue
+        field = self._field(sy, sx, grid=True)  # tissue covers about `tissue` of the slide (minus lumens)
+        self.threshold = float(np.median(field) if tissue == 0.5 else np.quantile(field, 1.0 - tissue))
 
     def _field(self, y, x, grid: bool) -> np.ndarray:
         """Tissue where this exceeds self.threshold: max of the section cones plus noise."""
@@ -224,9 +225,11 @@ class _Model:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def tissue_region(height: int, width: int, mpp: float = 0.5, seed: int = 0, downsample: int = 32) -> np.ndarray:
+def tissue_region(
+    height: int, width: int, mpp: float = 0.5, seed: int = 0, downsample: int = 32, tissue: float = 0.5
+) -> np.ndarray:
     """Ground truth tissue (bool) of make_demo_slide's slide, sampled at the centre of every `downsample` px."""
-    model = _Model(height, width, mpp, seed)
+    model = _Model(height, width, mpp, seed, tissue)
     ys, xs = np.arange(downsample // 2, height, downsample), np.arange(downsample // 2, width, downsample)
     return model.alpha(ys, xs) > 0.5
 
@@ -279,6 +282,29 @@ def _downsampled_tiles(page: tifffile.TiffPage, tile: int) -> Iterator[np.ndarra
             yield from _split(_halve(band[: y + min(th, h - r * th), :w]), tile)
 
 
+def jpeg_options(mpp: float, tile: int = 256, jpeg_quality: int = 90) -> dict:
+    """tifffile.write options of every image level of a demo slide (JPEG tiles, centimetre resolution unit)."""
+    # OpenSlide reports openslide.mpp-x = 10000 / XResolution for centimetre units; scaled per level.
+    return dict(tile=(tile, tile), metadata=None, resolutionunit="CENTIMETER", buffersize=_BUFFER,
+                compression="jpeg", compressionargs={"level": jpeg_quality}, photometric="rgb")  # fmt: skip
+
+
+def append_pyramid(path: Path, mpp: float, tile: int = 256, jpeg_quality: int = 90) -> list[tuple[int, int]]:
+    """Append 2x-mean levels below the last level of the JPEG TIFF at ``path`` until the longer side is at most
+    _TOP_LEVEL_MAX; each is computed from the level above read back from the file. Returns all level shapes."""
+    jpeg = jpeg_options(mpp, tile, jpeg_quality)
+    with tifffile.TiffFile(path) as tf:
+        shapes = [tuple(page.shape[:2]) for page in tf.pages]
+    while max(shapes[-1]) > _TOP_LEVEL_MAX:
+        level, shape = len(shapes), (-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2))
+        res = 1e4 / (mpp * 2**level)
+        with tifffile.TiffFile(path) as tf, tifffile.TiffWriter(path, append=True) as tw:
+            tw.write(_downsampled_tiles(tf.pages[level - 1], tile), shape=(*shape, 3), dtype=np.uint8,
+                     resolution=(res, res), subfiletype=1, **jpeg)  # fmt: skip
+        shapes.append(shape)
+    return shapes
+
+
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """Yield a `.partial` sibling and rename it to `path` on success, so no half-written slide is ever seen."""
@@ -299,12 +325,14 @@ def make_demo_slide(
     tile: int = 256,
     jpeg_quality: int = 90,
     mask_path: str | os.PathLike | None = None,
+    tissue: float = 0.5,
 ) -> DemoSlide:
     """Write a pyramidal JPEG TIFF (OpenSlide "generic-tiff") and its nuclei mask; return where and what.
 
     Level 0 and the uint8 0/1 mask (deflate, default `<stem>-mask.tiff`) are streamed tile by tile; each
     lower level is the 2x mean of the level above, read back from the file, so memory stays at a few tile
-    rows at any size. Files are written under a `.partial` name and renamed when complete.
+    rows at any size. Files are written under a `.partial` name and renamed when complete. ``tissue``: the
+    fraction of the slide covered by tissue sections before lumens are cut out (0.5 gives ~48 % tissue).
     """
     if height < 1 or width < 1:
         raise ValueError(f"make_demo_slide: size {height}x{width} must be positive")
@@ -312,16 +340,17 @@ def make_demo_slide(
         raise ValueError(f"make_demo_slide: tile {tile} must be a positive multiple of 16 (JPEG tiles)")
     if not mpp > 0 or not 1 <= jpeg_quality <= 100:
         raise ValueError(f"make_demo_slide: need mpp > 0 and 1 <= jpeg_quality <= 100, got {mpp}, {jpeg_quality}")
+    if not 0 < tissue < 1:
+        raise ValueError(f"make_demo_slide: tissue fraction {tissue} must be between 0 and 1")
     path = Path(path)
     mask_path = Path(mask_path) if mask_path else path.with_name(path.stem + "-mask.tiff")
     for p in (path, mask_path):
         p.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = _Model(height, width, mpp, seed)
-    # OpenSlide reports openslide.mpp-x = 10000 / XResolution for centimetre units; scaled per level.
-    common = dict(tile=(tile, tile), metadata=None, resolutionunit="CENTIMETER", buffersize=_BUFFER)
-    jpeg = dict(common, compression="jpeg", compressionargs={"level": jpeg_quality}, photometric="rgb")
-    shapes, counts = [(height, width)], []
+    model = _Model(height, width, mpp, seed, tissue)
+    common = dict(tile=(tile, tile), metadata=None, resolutionunit="CENTIMETER", buffersize=_BUFFER)  # the mask
+    jpeg = jpeg_options(mpp, tile, jpeg_quality)
+    counts: list[int] = []
 
     def mask_block(y0: int, x0: int, h: int, w: int) -> np.ndarray:
         _, mask, count = model.nuclei(y0, x0, h, w, texture=False)
@@ -333,13 +362,7 @@ def make_demo_slide(
             tw.write(_tiles(model.rgb, model, tile), shape=(height, width, 3), dtype=np.uint8,
                      resolution=(1e4 / mpp, 1e4 / mpp), subfiletype=0, **jpeg)  # fmt: skip
         log.info("level 0 %dx%d written in %.1fs", width, height, time.perf_counter() - t0)
-        while max(shapes[-1]) > _TOP_LEVEL_MAX:
-            level, shape = len(shapes), (-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2))
-            res = 1e4 / (mpp * 2**level)
-            with tifffile.TiffFile(tmp) as tf, tifffile.TiffWriter(tmp, append=True) as tw:
-                tw.write(_downsampled_tiles(tf.pages[level - 1], tile), shape=(*shape, 3), dtype=np.uint8,
-                         resolution=(res, res), subfiletype=1, **jpeg)  # fmt: skip
-            shapes.append(shape)
+        shapes = append_pyramid(tmp, mpp, tile, jpeg_quality)
     with _replacing(mask_path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         tw.write(_tiles(mask_block, model, tile), shape=(height, width), dtype=np.uint8, photometric="minisblack",
                  compression="zlib", resolution=(1e4 / mpp, 1e4 / mpp), **common)  # fmt: skip

@@ -1,0 +1,208 @@
+"""(a) Pipeline efficiency: end-to-end output Mpx/s of the job's code path ÷ the bare model forward.
+
+End to end is :func:`pipeline.batch.segment_batch`, what ``jobs/segment_slides.py`` runs: plan (open the
+slide, grid, store), the Ray Data stream (read windows -> model actors -> write Zarr chunks), the viewer
+pyramid, the preview PNG and the run report, timed around the call on an already started local Ray (as on
+a cluster, where Ray is up before the job). Every tile runs (no tissue mask), so the output pixels are the
+tiles' pixels.
+
+The bare forward is :class:`pipeline.predict.TilePredictor` (the fused uint8 -> normalise -> forward ->
+argmax -> crop step the actors run) on windows read from the same slide beforehand, with the same tile
+shape, batch size, device and torch thread count as one actor, measured just before and just after the
+pipeline run (their mean is the denominator; both are reported so drift shows). Like the actor it runs in
+a process of its own at the niceness Ray gives its workers (15; Ray's control processes and the driver
+stay at 0), so other load on a shared machine weighs on both alike.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import TreeMemory, load_watch, process_tree, run_isolated, timed_rate
+
+COLUMNS = ["config", "actor threads", "Ray CPUs", "tiles", "end-to-end s", "end-to-end Mpx/s",
+           "bare forward Mpx/s", "efficiency", "beyond the forward s", "peak PSS MiB", "load (1 min)"]  # fmt: skip
+
+
+def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, batch_size: int, batches: int = 4):
+    """``batches`` batches of real input windows, read from the middle rows of the slide (tissue and glass)."""
+    from pipeline.engine import read_windows
+    from pipeline.geometry import tile_grid_for_model
+    from pipeline.slide import open_slide
+
+    slide = open_slide(slide_path)
+    grid = tile_grid_for_model(model, slide.size, tile_size)
+    tiles = list(grid)
+    start = max(0, len(tiles) // 2 - batches * batch_size // 2)
+    chosen = tiles[start : start + batches * batch_size]
+    return grid, [read_windows(slide, grid, chosen[i : i + batch_size]) for i in range(0, len(chosen), batch_size)]
+
+
+def bare_forward(model, grid, windows: list[np.ndarray], threads: int, seconds: float, device: str = "cpu",
+                 amp: str | None = None, compile: bool | str = False) -> dict[str, Any]:  # fmt: skip
+    """Mpx/s of TilePredictor on pre-read windows (cycled), with ``threads`` torch threads on CPU."""
+    from pipeline.predict import TilePredictor
+
+    saved = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, compile=compile,
+                                           batch_size=len(windows[0]))  # fmt: skip
+        state = {"i": 0}
+
+        def step() -> int:
+            batch = windows[state["i"] % len(windows)]
+            state["i"] += 1
+            predictor(batch)
+            if device != "cpu":
+                torch.cuda.synchronize()  # (labels are copied to the host anyway)
+            return len(batch) * grid.tile_size**2
+
+        return timed_rate(step, seconds)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bare_forward_niced(niceness: int, *args: Any) -> dict[str, Any]:
+    import os
+
+    os.nice(max(0, niceness - os.nice(0)))
+    return bare_forward(*args)
+
+
+def isolated_bare_forward(niceness: int, *args: Any) -> dict[str, Any]:
+    """:func:`bare_forward` in a fresh process at ``niceness`` (as the actor runs)."""
+    result, _ = run_isolated(_bare_forward_niced, niceness, *args)
+    return result
+
+
+def worker_niceness() -> int:
+    """The niceness of this driver's Ray worker processes (Ray starts them at 15), 0 if none is found."""
+    import os
+
+    for pid in process_tree(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                return int(stat[stat.rindex(")") + 2 :].split()[16])
+        except (OSError, ValueError, IndexError):
+            continue
+    return 0
+
+
+def pipeline_run(slide: Path, model, out_dir: Path, options, tile_size: int, tissue_mask: Any = None,
+                 previews: bool = True) -> dict:  # fmt: skip
+    """segment_batch on one slide (Ray already started): wall seconds, tiles, output Mpx/s, peak memory."""
+    from pipeline.batch import BatchConfig, segment_batch
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    config = BatchConfig(tile_size=tile_size, tissue_mask=tissue_mask, overwrite=True, previews=previews)
+    with TreeMemory() as memory:
+        started = time.perf_counter()
+        run = segment_batch([str(slide)], out_dir, model, config, options)
+        wall = time.perf_counter() - started
+    (result,) = run.results
+    if result.status != "complete":
+        raise RuntimeError(f"benchmark run failed: {result.status}")
+    pixels = result.tiles_run * config.tile_size**2
+    return {
+        "wall_s": wall, "stream_s": result.seconds, "tiles_run": result.tiles_run, "tiles_skipped": result.tiles_skipped,
+        "output_mpx": pixels / 1e6, "mpx_per_s": pixels / 1e6 / wall, "memory": memory.as_dict(),
+        "store": result.output,
+    }  # fmt: skip
+
+
+def start_ray(num_cpus: int | None) -> None:
+    """A local Ray with ``num_cpus`` logical CPUs (None: the machine's); a running one is kept if it matches."""
+    import os
+
+    import ray
+
+    from benchmarks.common import REPO
+    from pipeline.ray_setup import init_ray
+
+    if ray.is_initialized():
+        if ray.cluster_resources().get("CPU") == (num_cpus or os.cpu_count()):
+            return
+        ray.shutdown()
+    init_ray(num_cpus=num_cpus, repo_root=REPO)
+    time.sleep(5)  # let the new instance finish starting its processes before anything is timed
+
+
+def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus: int | None, tile_size: int,
+            forward_seconds: float, previews: bool = True, isolate: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One row: bare forward (before), the job's pipeline, bare forward (after). ``isolate=False`` measures the
+    bare forward in this process at this process's niceness (quicker; for tests)."""
+    threads = max(1, int(options.cpus_per_actor))
+    grid, windows = pre_read_windows(slide, model, tile_size, options.batch_size)
+    record: dict[str, Any] = {"config": label, "options": asdict(options), "threads": threads, "num_cpus": num_cpus}
+    start_ray(num_cpus)
+    record["niceness"] = niceness = worker_niceness() if isolate else None
+    forward = (model, grid, windows, threads, forward_seconds, options.device, options.amp, options.compile)
+    bare = (lambda: isolated_bare_forward(niceness, *forward)) if isolate else (lambda: bare_forward(*forward))
+    with load_watch(record):
+        before = bare()
+        run = pipeline_run(slide, model, workdir / f"eff-{label}", options, tile_size, previews=previews)
+        after = bare()
+    rate = (before["mpx_per_s"] + after["mpx_per_s"]) / 2
+    record.update(pipeline=run, bare_before=before, bare_after=after, bare_mpx_per_s=rate,
+                  efficiency=run["mpx_per_s"] / rate, overhead_s=run["wall_s"] - run["output_mpx"] / rate)  # fmt: skip
+    return record
+
+
+def row(record: dict[str, Any]) -> list[Any]:
+    run = record["pipeline"]
+    return [record["config"], record["threads"], record["num_cpus"] or "all", run["tiles_run"], run["wall_s"],
+            run["mpx_per_s"], record["bare_mpx_per_s"], record["efficiency"], record["overhead_s"],
+            run["memory"]["peak_pss_mib"], f"{record['load_before'][0]} -> {record['load_after'][0]}"]  # fmt: skip
+
+
+def configs(cpus: int, actors: int, batch_size: int) -> list[tuple[str, dict, int | None]]:
+    """(label, RayOptions overrides, Ray CPUs): the default layout, and all cores in the actor(s).
+
+    Default: each actor owns 1 CPU and 1 torch thread, the other cores read and write. "all cores":
+    the actors' torch threads take every core (Ray gets one extra logical CPU so read and write tasks can
+    still be scheduled; they then share the cores with the forward passes)."""
+    per_actor = max(1, cpus // actors)
+    layouts = [("default", {"cpus_per_actor": 1.0}, None)]
+    if per_actor > 1:
+        layouts.append(("all cores", {"cpus_per_actor": float(per_actor)}, actors * per_actor + 1))
+    return [(label, {"actors": actors, "batch_size": batch_size, "progress": False, **extra}, n)
+            for label, extra, n in layouts]  # fmt: skip
+
+
+def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, actors: int, forward_seconds: float,
+        layouts: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    import os
+
+    import ray
+
+    from pipeline.ray_runner import RayOptions
+
+    records = []
+    try:
+        for label, overrides, num_cpus in configs(os.cpu_count() or 1, actors, batch_size):
+            if layouts and label not in layouts:
+                continue
+            records.append(measure(slide, model, workdir, label=label, options=RayOptions(**overrides),
+                                   num_cpus=num_cpus, tile_size=tile_size, forward_seconds=forward_seconds))  # fmt: skip
+    finally:
+        ray.shutdown()
+    return {
+        "columns": COLUMNS, "rows": [row(r) for r in records], "records": records, "slide": str(slide),
+        "notes": [
+            "efficiency = end-to-end Mpx/s (segment_batch: plan, Ray stream read -> actors -> Zarr, pyramid, preview, "
+            "report; Ray already started) / bare TilePredictor Mpx/s on pre-read windows with the actor's torch "
+            "threads, same tile, batch and device (mean of before and after the run), in a process at the Ray "
+            "workers' niceness. 'beyond the forward': end-to-end seconds minus the bare forward's time for the same "
+            "tiles (start-up of the actor and task workers, reads, writes, pyramid, preview, report).",
+        ],
+    }  # fmt: skip
