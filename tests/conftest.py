@@ -90,3 +90,9 @@ def torch_threads(count: int):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def tile_states_written(store: Path) -> int:
+    """Tiles recorded done or skipped so far: one ``tiles/state`` chunk file each (read while a run writes)."""
+    folder = Path(store) / "tiles" / "state" / "c"
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0

@@ -21,11 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def tiles_done(store: Path) -> int:
-    folder = store / "tiles" / "state" / "c"
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+from conftest import tile_states_written  # noqa: E402
 
 
 def model_actor_pids() -> list[int]:
@@ -43,17 +41,17 @@ def model_actor_pids() -> list[int]:
 
 
 def inject(cluster, node_a, store: Path, kill_after: int, remove_after: int, log: dict) -> None:
-    while tiles_done(store) < kill_after:
+    while tile_states_written(store) < kill_after:
         time.sleep(0.05)
     pids = model_actor_pids()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    log["killed_actor_pids"], log["killed_at_tiles"] = pids, tiles_done(store)
-    while tiles_done(store) < remove_after:
+    log["killed_actor_pids"], log["killed_at_tiles"] = pids, tile_states_written(store)
+    while tile_states_written(store) < remove_after:
         time.sleep(0.05)
     cluster.add_node(num_cpus=2)
     cluster.remove_node(node_a, allow_graceful=False)
-    log["removed_node_at_tiles"] = tiles_done(store)
+    log["removed_node_at_tiles"] = tile_states_written(store)
 
 
 def main() -> None:

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import zarr
 
-from conftest import assert_identical_stores, random_image, shared_file, torch_threads, varied_unet
+from conftest import (
+    assert_identical_stores, random_image, shared_file, tile_states_written, torch_threads, varied_unet,
+)  # fmt: skip
 from pipeline.batch import BatchConfig, plan_batch, segment_batch
 from pipeline.engine import SlidePlan, plan_slide, segment_slide
 from pipeline.locking import StoreLock
@@ -67,11 +69,6 @@ def kill_session(sid: int) -> None:
                 os.kill(int(entry), signal.SIGKILL)
 
 
-def states_written(store: Path) -> int:
-    folder = store / "tiles" / "state" / "c"
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
-
-
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("ERROR ")]
 
@@ -90,13 +87,13 @@ def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
         store = out / store_name
         running = job(slide, "--out", str(out), "--model", str(artifact),
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        while running.poll() is None and states_written(store) < target:
+        while running.poll() is None and tile_states_written(store) < target:
             time.sleep(0.05)
         os.kill(running.pid, signal.SIGKILL)
         running.wait()
         kill_session(running.pid)
         assert running.returncode == -signal.SIGKILL, f"{moment}: the job ended before it was killed"
-        if states_written(store) < skipped + segmented:
+        if tile_states_written(store) < skipped + segmented:
             assert read_provenance(store)["status"] == "running", moment  # never looks finished
         again = run_job(slide, "--out", str(out), "--model", str(artifact))
         assert again.returncode == 0, again.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import assert_identical_stores, random_image, shared_file, varied_unet
+from conftest import assert_identical_stores, random_image, shared_file, tile_states_written, varied_unet
 from pipeline import OutputExistsError, SlideError, open_slide, segment_slide
 from pipeline.engine import plan_slide
 from pipeline.locking import StoreLock, StoreLockedError, lock_path_for
@@ -103,11 +103,6 @@ def run_engine(out: Path, model_path: Path, resume: bool) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def done_tiles(store: Path) -> int:
-    folder = store / "tiles" / "state" / "c"
-    return sum(1 for _ in folder.rglob("*")) if folder.exists() else 0
-
-
 @pytest.mark.parametrize("moment", ["creating", "tiles", "finishing"])
 def test_kill_9_then_resume_gives_a_byte_identical_store(tmp_path, moment):
     """kill -9 of the engine at a moment, then resume: the store equals an uninterrupted run, file for file."""
@@ -115,7 +110,7 @@ def test_kill_9_then_resume_gives_a_byte_identical_store(tmp_path, moment):
     save_model(varied_unet(5), model_path, class_names=["bg", "a", "b"], mpp=0.5)
     reference = tmp_path / "reference.zarr"
     assert run_engine(reference, model_path, resume=False).wait() == 0
-    total = done_tiles(reference)  # tiles done or skipped: one state file each
+    total = tile_states_written(reference)  # tiles done or skipped: one state file each
 
     crashed = tmp_path / "crashed.zarr"
     job = run_engine(crashed, model_path, resume=False)
@@ -124,11 +119,11 @@ def test_kill_9_then_resume_gives_a_byte_identical_store(tmp_path, moment):
             time.sleep(0.002)
     else:
         target = {"tiles": total * 2 // 3, "finishing": total}[moment]
-        while job.poll() is None and done_tiles(crashed) < target:
+        while job.poll() is None and tile_states_written(crashed) < target:
             time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    if crashed.exists() and done_tiles(crashed) < total:
+    if crashed.exists() and tile_states_written(crashed) < total:
         assert read_provenance(crashed)["status"] == "running"  # never looks finished
     assert run_engine(crashed, model_path, resume=True).wait() == 0
     assert_identical_stores(crashed, reference)
