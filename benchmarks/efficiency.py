@@ -28,7 +28,8 @@ import torch
 from benchmarks.common import TreeMemory, load_watch, process_tree, run_isolated, timed_rate
 
 COLUMNS = ["config", "actor threads", "Ray CPUs", "tiles", "end-to-end s", "end-to-end Mpx/s",
-           "bare forward Mpx/s", "efficiency", "beyond the forward s", "peak PSS MiB", "load (1 min)"]  # fmt: skip
+           "bare forward Mpx/s", "efficiency", "beyond the forward s", "model busy", "forward Mpx/s in the actor",
+           "peak PSS MiB", "load (1 min)"]  # fmt: skip
 
 
 def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, batch_size: int, batches: int = 4):
@@ -116,6 +117,8 @@ def pipeline_run(slide: Path, model, out_dir: Path, options, tile_size: int, tis
     return {
         "wall_s": wall, "stream_s": result.seconds, "tiles_run": result.tiles_run, "tiles_skipped": result.tiles_skipped,
         "output_mpx": pixels / 1e6, "mpx_per_s": pixels / 1e6 / wall, "memory": memory.as_dict(),
+        "model_seconds": result.model_seconds, "model_busy": result.model_seconds / wall,
+        "actor_forward_mpx_per_s": pixels / 1e6 / result.model_seconds if result.model_seconds else None,
         "store": result.output,
     }  # fmt: skip
 
@@ -161,8 +164,9 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
 def row(record: dict[str, Any]) -> list[Any]:
     run = record["pipeline"]
     return [record["config"], record["threads"], record["num_cpus"] or "all", run["tiles_run"], run["wall_s"],
-            run["mpx_per_s"], record["bare_mpx_per_s"], record["efficiency"], record["overhead_s"],
-            run["memory"]["peak_pss_mib"], f"{record['load_before'][0]} -> {record['load_after'][0]}"]  # fmt: skip
+            run["mpx_per_s"], record["bare_mpx_per_s"], record["efficiency"], record["overhead_s"], run["model_busy"],
+            run["actor_forward_mpx_per_s"], run["memory"]["peak_pss_mib"],
+            f"{record['load_before'][0]} -> {record['load_after'][0]}"]  # fmt: skip
 
 
 def configs(cpus: int, actors: int, batch_size: int) -> list[tuple[str, dict, int | None]]:
@@ -203,6 +207,9 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
             "report; Ray already started) / bare TilePredictor Mpx/s on pre-read windows with the actor's torch "
             "threads, same tile, batch and device (mean of before and after the run), in a process at the Ray "
             "workers' niceness. 'beyond the forward': end-to-end seconds minus the bare forward's time for the same "
-            "tiles (start-up of the actor and task workers, reads, writes, pyramid, preview, report).",
+            "tiles (start-up of the actor and task workers, reads, writes, pyramid, preview, report). 'model busy': "
+            "the share of the end-to-end time the actor spent in forward passes (timed in the actor, so immune to the "
+            "machine's speed drifting between measurements); efficiency ~= model busy x (forward Mpx/s in the actor / "
+            "bare forward Mpx/s).",
         ],
     }  # fmt: skip

@@ -46,12 +46,14 @@ class SlidePlan:
         if not self.complete:
             self.store.finalize()
 
-    def result(self, tiles_run: int, seconds: float, status: str = "complete") -> "SegmentResult":
+    def result(
+        self, tiles_run: int, seconds: float, status: str = "complete", model_seconds: float = 0.0
+    ) -> "SegmentResult":
         return SegmentResult(
             slide=self.slide.path or self.slide.name, output=self.store.path, shape=self.grid.shape,
             level=self.slide.level, mpp=self.slide.mpp, tiles_total=len(self.grid), tiles_run=tiles_run,
             tiles_skipped=self.skipped, seconds=seconds, status=status, tiles_done_earlier=self.already_done,
-            kept=self.complete,
+            kept=self.complete, model_seconds=model_seconds,
         )  # fmt: skip
 
 
@@ -60,7 +62,8 @@ class SegmentResult:
     """What one slide's run produced; ``status`` is "complete" or "failed: <reason>".
 
     ``tiles_done_earlier``: tiles an earlier run had finished (> 0: this run resumed it); ``kept``: the
-    output was already complete, so this run left it as it was."""
+    output was already complete, so this run left it as it was. ``model_seconds``: time in the model's
+    forward passes; ``model_busy`` (its share of ``seconds``) says how well the pipeline fed the model."""
 
     slide: str
     output: str
@@ -74,17 +77,23 @@ class SegmentResult:
     status: str = "complete"
     tiles_done_earlier: int = 0
     kept: bool = False
+    model_seconds: float = 0.0
 
     @property
     def resumed(self) -> bool:
         return self.tiles_done_earlier > 0
 
     @property
+    def model_busy(self) -> float:
+        return self.model_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def megapixels_per_second(self) -> float:
         return self.shape[0] * self.shape[1] / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "resumed": self.resumed, "mpx_per_s": round(self.megapixels_per_second, 4)}
+        return {**asdict(self), "resumed": self.resumed, "mpx_per_s": round(self.megapixels_per_second, 4),
+                "model_busy": round(self.model_busy, 4)}  # fmt: skip
 
 
 def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
@@ -230,16 +239,19 @@ def segment_slide(
             source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
         )  # fmt: skip
-        run_tiles(plan, model, batch_size, device=device, amp=amp, probabilities=probabilities, progress=progress)
+        busy = run_tiles(
+            plan, model, batch_size, device=device, amp=amp, probabilities=probabilities, progress=progress
+        )
         plan.finalize()
-    result = plan.result(len(plan.tiles), time.perf_counter() - started)
+    result = plan.result(len(plan.tiles), time.perf_counter() - started, model_seconds=busy)
     logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
     return result
 
 
 def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, device: str = "auto",
-              amp: str | None = None, probabilities: bool = False, progress: bool = False) -> None:  # fmt: skip
-    """Read, predict and write every pending tile of ``plan`` in this process (reads one batch ahead)."""
+              amp: str | None = None, probabilities: bool = False, progress: bool = False) -> float:  # fmt: skip
+    """Read, predict and write every pending tile of ``plan`` in this process (reads one batch ahead);
+    returns the seconds spent in the model."""
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=probabilities)
     bar = _progress_bar(plan, progress)
     batches = list(batched(plan.tiles, batch_size))
@@ -258,6 +270,7 @@ def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, devic
                 bar.set_postfix_str(f"{_mpx(bar.n, plan.grid) / max(bar.format_dict['elapsed'], 1e-9):.2f} Mpx/s")
     if bar is not None:
         bar.close()
+    return predictor.busy_seconds
 
 
 def _mpx(tiles_done: int, grid: TileGrid) -> float:

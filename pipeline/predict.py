@@ -8,6 +8,7 @@ On the CPU it runs in float32 by default, which is bit-identical to the in-proce
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,7 @@ class TilePredictor:
     per batch. ``batch_size`` matters only with ``compile``: batches are padded to it for static shapes.
     ``compile``: True (CUDA graphs via mode "reduce-overhead" on CUDA, the default mode on CPU) or a
     torch.compile mode name. ``channels_last``: None = on CUDA only (the fast layout for cuDNN).
+    ``busy_seconds`` adds up the time spent in calls: what the rest of a pipeline leaves the model.
     """
 
     model: torch.nn.Module
@@ -57,6 +59,7 @@ class TilePredictor:
     batch_size: int | None = None
     channels_last: bool | None = None
     _forward: object = field(init=False, repr=False)
+    busy_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -98,7 +101,7 @@ class TilePredictor:
     @torch.inference_mode()
     def __call__(self, windows: np.ndarray, return_logits: bool = False) -> dict[str, np.ndarray]:
         """windows: (N, I, I, C) uint8 -> {"labels": (N, T, T) uint8[, "probabilities": (N, K, T, T) uint8][, "logits"]}."""
-        count = len(windows)
+        started, count = time.perf_counter(), len(windows)
         batch = torch.from_numpy(np.ascontiguousarray(windows))
         if self.compile and count < self.batch_size:
             pad = torch.zeros((self.batch_size - count, *batch.shape[1:]), dtype=batch.dtype)
@@ -110,6 +113,7 @@ class TilePredictor:
             result["probabilities"] = outputs[2][:count].cpu().numpy()
         if return_logits:
             result["logits"] = outputs[1][:count].cpu().numpy()
+        self.busy_seconds += time.perf_counter() - started  # the copies to the host waited for the device
         return result
 
 

@@ -8,6 +8,10 @@ Pipeline (Ray Data, streaming with backpressure, so no slide is ever materialise
       -> map_batches(WriteTiles)             CPU tasks           OutputStore.write_tile per tile, -> error
       -> driver: iter_batches                per-slide progress; finalize each slide once all its tiles are in
 
+On GPU actors the reads are CPU tasks on the node's other cores, so the GPU never waits for a read. CPU
+actors read their own windows instead (``Predict(reader=...)``, see :func:`build_dataset`): two calls in
+flight per actor, so one batch is read while the previous one is in the forward pass.
+
 It runs exactly the pieces of :func:`pipeline.engine.segment_slide` (``plan_slide``, ``read_windows``'s
 reader, :class:`TilePredictor`, ``OutputStore.write_tile``), so on CPU in float32 the stores are
 bit-identical, given the same torch thread count (an actor uses ``cpus_per_actor`` threads; other counts
@@ -22,6 +26,7 @@ import copy
 import logging
 import math
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
@@ -141,34 +146,52 @@ class ReadWindows:
         return {**batch, "window": windows, "error": np.array(errors, dtype=object)}
 
 
+READS_IN_FLIGHT = 2  # calls per CPU actor: one reading while the other is in the forward pass
+BATCHES_PER_BLOCK = 4  # forward batches per Ray Data block with CPU actors: 4x fewer blocks, tasks and stats updates
+
+
 class Predict:
-    """Actor stage: ONE TilePredictor per actor (model fetched from the object store once)."""
+    """Actor stage: ONE TilePredictor per actor (model fetched from the object store once).
+
+    With a ``reader`` the actor reads its batches' windows itself. Ray Data then runs two calls at once
+    (``READS_IN_FLIGHT``): the read (OpenSlide and numpy, mostly outside the GIL) of one batch overlaps the
+    forward pass of the other, and a lock keeps forward passes one at a time, so the model's threads are
+    never shared between two batches."""
 
     def __init__(self, model_ref: Any, grid: Any, device: str, amp: str | None, probabilities: bool,
-                 compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
+                 compile: bool, batch_size: int, threads: int, reader: ReadWindows | None = None) -> None:  # fmt: skip
         import ray
 
         model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         if device == "cpu" and threads > 0:
-            torch.set_num_threads(threads)
-        self.probabilities = probabilities
+            torch.set_num_threads(threads)  # process-wide: the call threads pick it up at their first op
+        self.probabilities, self.reader = probabilities, reader
         self.predictor = TilePredictor.for_grid(
             model, grid, device=device, amp=amp, probabilities=probabilities, compile=compile, batch_size=batch_size
         )
-        self.tile_size, self.classes = grid.tile_size, model.num_classes
+        self.tile_size, self.classes, self.batch_size = grid.tile_size, model.num_classes, batch_size
+        self.forward_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.reader is not None:
+            batch = self.reader(batch)
         count, t = len(batch["slide"]), self.tile_size
         ok = np.flatnonzero(np.asarray([not e for e in batch["error"]], dtype=bool))
         labels = np.zeros((count, t, t), dtype=np.uint8)
         probs = np.zeros((count, self.classes, t, t), dtype=np.uint8) if self.probabilities else None
-        if len(ok):
-            output = self.predictor(batch["window"][ok])  # fancy indexing copies the read-only view
-            labels[ok] = output["labels"]
+        model_seconds = 0.0
+        for start in range(0, len(ok), self.batch_size):  # a block may hold several forward batches
+            chosen = ok[start : start + self.batch_size]
+            with self.forward_lock:
+                started = time.perf_counter()
+                output = self.predictor(batch["window"][chosen])  # fancy indexing copies the read-only view
+                model_seconds += time.perf_counter() - started
+            labels[chosen] = output["labels"]
             if probs is not None:
-                probs[ok] = output["probabilities"]
+                probs[chosen] = output["probabilities"]
         result = {key: value for key, value in batch.items() if key != "window"}
         result["labels"] = labels
+        result["model_seconds"] = np.full(count, model_seconds / max(count, 1))  # the block's share per tile
         if probs is not None:
             result["probabilities"] = probs
         return result
@@ -191,7 +214,8 @@ class WriteTiles:
                 except Exception as write_error:  # full disk, permissions, ...: name the store
                     error = f"writing {self.stores[s].path}: {one_line(write_error)}"
             errors.append(error)
-        return {"slide": batch["slide"], "row": batch["row"], "col": batch["col"], "error": np.array(errors, dtype=object)}
+        return {"slide": batch["slide"], "row": batch["row"], "col": batch["col"],
+                "error": np.array(errors, dtype=object), "model_seconds": batch["model_seconds"]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- driver
@@ -239,30 +263,35 @@ def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: R
 
     grids = [plan.grid for plan in plans]  # plans already passed check_plans
     wants = [store_has_probabilities(plan) for plan in plans]
+    read_in_actor = options.device == "cpu"
+    block = options.batch_size * (BATCHES_PER_BLOCK if read_in_actor else 1)  # tiles per read / write task
     items = interleave(plans, options.batch_size)
-    blocks = max(1, math.ceil(len(items) / options.batch_size))  # one read task = one forward batch of windows
     if next(model.parameters()).device.type != "cpu":
         model = copy.deepcopy(model).cpu()
     model_ref = ray.put(model)
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    # Reads are CPU tasks. With GPU actors (or multi-CPU ones) they run beside the forward passes; Ray Data
-    # fuses them into the actors only when both ask for the same resources (1-CPU CPU actors), where
-    # reading in the actor costs no more CPU and saves moving the windows through the object store.
-    # Keep that fusion where CPUs are few: unfused on 2 CPUs, Ray Data's resource allocator gave the one
-    # free CPU to the reads and none to the writes, so every label tile queued in the object store until
-    # the last read (benchmarks, 2026-11-21: 1257 blocks, 314 MiB queued at 1 gigapixel). Any remote
-    # argument the actors have and the reads lack (max_concurrency, memory, ...) undoes the fusion.
-    ds = ds.map_batches(ReadWindows([p.slide for p in plans], grids), batch_size=None, batch_format="numpy", num_cpus=1)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / block)))
+    reader = ReadWindows([p.slide for p in plans], grids)
+    # GPU actors: reads are CPU tasks on the node's other cores, so the GPU never waits for a read.
+    # CPU actors read their own windows: the forward pass is ~15x a batch's read there, so one core
+    # reads for the actor with time to spare, two calls in flight overlap the read with the previous
+    # forward, and no read task competes for Ray's CPUs. (As separate CPU tasks beside CPU actors on
+    # 2 CPUs, Ray Data's allocator gave the one free CPU to the reads and none to the writes, and every
+    # label tile queued in the object store until the last read: 314 MiB at 1 gigapixel, 2026-11-21.)
+    if not read_in_actor:
+        ds = ds.map_batches(reader, batch_size=None, batch_format="numpy", num_cpus=1)
+    calls = READS_IN_FLIGHT if read_in_actor else None
     ds = ds.map_batches(
         Predict,
         fn_constructor_kwargs=dict(
             model_ref=model_ref, grid=grids[0], device=options.device, amp=options.amp, probabilities=any(wants),
             compile=options.compile, batch_size=options.batch_size, threads=max(1, int(options.cpus_per_actor)),
+            reader=reader if read_in_actor else None,
         ),
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        compute=ray.data.ActorPoolStrategy(size=options.actors, max_concurrent_calls_per_actor=calls,
+                                           enable_true_multi_threading=read_in_actor),
         num_gpus=options.gpus_per_actor or None,
         num_cpus=options.cpus_per_actor,
-        batch_size=options.batch_size,
+        batch_size=block,
         batch_format="numpy",
     )  # fmt: skip
     return ds.map_batches(WriteTiles([p.store for p in plans], grids, wants), batch_size=None, batch_format="numpy")
@@ -278,6 +307,7 @@ class _SlideProgress:
         self.plan, self.started = plan, started
         self.done: set[tuple[int, int]] = set()
         self.failed: dict[tuple[int, int], str] = {}
+        self.model_seconds = 0.0
         self.result: SegmentResult | None = None
         self.bar = None
         if enabled and plan.tiles:
@@ -289,17 +319,19 @@ class _SlideProgress:
     def pending(self) -> int:
         return len(self.plan.tiles) - len(self.done) - len(self.failed.keys() - self.done)
 
-    def update(self, outcomes: list[tuple[int, int, str]]) -> None:
+    def update(self, outcomes: list[tuple[int, int, str, float]]) -> None:
         before = len(self.done) + len(self.failed)
-        for row, col, error in outcomes:
+        for row, col, error, model_seconds in outcomes:
+            self.model_seconds += model_seconds
             if error:
                 self.failed.setdefault((row, col), error)
             else:
                 self.done.add((row, col))
         if self.bar is not None:
             self.bar.update(len(self.done) + len(self.failed) - before)
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
             mpx = len(self.done) * self.plan.grid.tile_size**2 / 1e6
-            self.bar.set_postfix_str(f"{mpx / max(time.perf_counter() - self.started, 1e-9):.2f} Mpx/s")
+            self.bar.set_postfix_str(f"{mpx / elapsed:.2f} Mpx/s, model busy {self.model_seconds / elapsed:.0%}")
 
     def finish(self, pipeline_error: str | None = None) -> SegmentResult:
         """Finalize the store if every tile is in and none failed; otherwise report the slide failed."""
@@ -320,10 +352,10 @@ class _SlideProgress:
                 status = f"failed: finalizing the store: {one_line(error)}"
         if self.bar is not None:
             self.bar.close()
-        self.result = plan.result(len(self.done), time.perf_counter() - self.started, status)
+        self.result = plan.result(len(self.done), time.perf_counter() - self.started, status, self.model_seconds)
         log = logger.info if status == "complete" else logger.warning
-        log("%s: %s (%d tiles in %.1f s) -> %s", self.result.slide, status, len(self.done), self.result.seconds,
-            plan.store.path)  # fmt: skip
+        log("%s: %s (%d tiles in %.1f s, model busy %.0f %%) -> %s", self.result.slide, status, len(self.done),
+            self.result.seconds, 100 * self.result.model_busy, plan.store.path)  # fmt: skip
         return self.result
 
 
@@ -365,9 +397,10 @@ def segment_slides_ray(
             ds = build_dataset(chosen, model, options)
             finished: set[int] = set()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                per_slide: dict[int, list[tuple[int, int, str]]] = {}
-                for s, row, col, error in zip(batch["slide"], batch["row"], batch["col"], batch["error"]):
-                    per_slide.setdefault(active[int(s)], []).append((int(row), int(col), error))
+                per_slide: dict[int, list[tuple[int, int, str, float]]] = {}
+                rows = zip(batch["slide"], batch["row"], batch["col"], batch["error"], batch["model_seconds"])
+                for s, row, col, error, seconds in rows:
+                    per_slide.setdefault(active[int(s)], []).append((int(row), int(col), error, float(seconds)))
                 for i, outcomes in per_slide.items():
                     progress[i].update(outcomes)
                     if progress[i].pending == 0 and i not in finished:

@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.slide import SlideError, SlideSource, open_slide
 
@@ -47,6 +46,8 @@ class ResampledSource(SlideSource):
         self.shape = (max(1, math.floor(height / factor)), max(1, math.floor(width / factor)), channels)
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        from scipy import ndimage  # only resampled slides need it; workers start sooner without it
+
         ys = (np.arange(y0, y1) + 0.5) * self.factor - 0.5
         xs = (np.arange(x0, x1) + 0.5) * self.factor - 0.5
         height, width = self.base.size

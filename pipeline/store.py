@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -88,7 +87,7 @@ class OutputStore:
         self._array("tiles/state")[tile.row, tile.col] = TILE_DONE
 
     def tile_states(self) -> np.ndarray:
-        return zarr.open_array(f"{self.path}/tiles/state", mode="r")[...]
+        return read_tile_states(self.path)
 
     def finalize(self) -> None:
         """Build the viewer pyramid and mark the store complete: last, and only if every tile is in."""
@@ -106,6 +105,42 @@ class OutputStore:
     @property
     def status(self) -> str | None:
         return (read_provenance(Path(self.path)) or {}).get("status")
+
+
+def read_tile_states(store_path: str | Path) -> np.ndarray:
+    """``tiles/state`` as a (rows, cols) array, read straight from its one-byte chunk files.
+
+    The state array has one chunk per tile (so each tile has one writer). Through zarr each chunk costs
+    ~0.9 ms (its async machinery per chunk): 49 s for the 57,600 tiles of a 4-gigapixel slide, read at
+    plan and at finalize. Here: one directory scan and a read per stored chunk (absent = pending, the
+    fill value), decoded the way the array's metadata says (bytes, optionally zstd); other codecs fall
+    back to zarr."""
+    array = zarr.open_array(f"{store_path}/tiles/state", mode="r")
+    codecs = [type(codec).__name__ for codec in array.metadata.codecs]
+    encoding = array.metadata.chunk_key_encoding
+    if codecs not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]) or getattr(encoding, "separator", None) != "/":
+        return array[...]
+    decode = _zstd_decode if codecs[-1] == "ZstdCodec" else bytes
+    states = np.full(array.shape, array.fill_value, dtype=np.uint8)
+    chunks = Path(store_path, "tiles", "state", "c")
+    if not chunks.is_dir():
+        return states
+    with os.scandir(chunks) as rows:
+        for row in rows:
+            if not row.name.isdigit():
+                continue
+            with os.scandir(row.path) as cols:
+                for col in cols:
+                    if col.name.isdigit():  # not a zarr temp file
+                        with open(col.path, "rb") as handle:
+                            states[int(row.name), int(col.name)] = decode(handle.read())[0]
+    return states
+
+
+def _zstd_decode(data: bytes) -> bytes:
+    from numcodecs import Zstd
+
+    return Zstd().decode(data)
 
 
 def sync_region(store_path: str, array: zarr.Array, box: tuple[int, int, int, int]) -> None:
@@ -314,19 +349,23 @@ def _check_resumable(path: Path, existing: dict[str, Any], wanted: dict[str, Any
         )
 
 
-def build_pyramid(path: str | Path) -> None:
-    """Fill levels 1..k of the label pyramid by 2x nearest-neighbour from the level below, chunk-aligned.
+def build_pyramid(path: str | Path, chunks_per_block: int = 16) -> None:
+    """Fill levels 1..k of the label pyramid by 2x nearest-neighbour (``level[::2, ::2]``) from the level below.
 
-    Dask streams it block by block (bounded memory); target blocks match the Zarr chunks exactly, so each
-    chunk again has one writer.
+    Works in blocks of one chunk row by ``chunks_per_block`` chunks of the target level (so memory is a few
+    MiB at any slide size, and each target chunk is written once, by one writer); zarr fetches and encodes
+    the chunks of a block concurrently. (Dask's graph for the same copy took 4x as long: 11 s vs 2.9 s for a
+    12288^2 store, 2026-11-21.)
     """
     group = zarr.open_group(f"{path}/{LABELS_PATH}", mode="r+")
     level = 1
     while str(level) in group:
-        source = da.from_zarr(group[str(level - 1)])
-        target = group[str(level)]
-        down = source[::2, ::2].rechunk(target.chunks)
-        da.store(down, target, lock=False, scheduler="threads")
+        source, target = group[str(level - 1)], group[str(level)]
+        (height, width), (ch, cw) = target.shape, target.chunks
+        for y0 in range(0, height, ch):
+            for x0 in range(0, width, cw * chunks_per_block):
+                y1, x1 = min(y0 + ch, height), min(x0 + cw * chunks_per_block, width)
+                target[y0:y1, x0:x1] = source[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]
         level += 1
 
 

@@ -74,6 +74,7 @@ def test_efficiency_on_a_tiny_slide(ray_local, tiny_slide, tiny_model, tmp_path)
                                 tile_size=128, forward_seconds=0.2, isolate=False)  # fmt: skip
     assert math.isfinite(record["efficiency"]) and record["efficiency"] > 0
     assert record["pipeline"]["tiles_run"] == 9 and record["pipeline"]["memory"]["peak_pss_mib"] > 0
+    assert 0 < record["pipeline"]["model_busy"] < 1  # timed in the actor, a share of the end-to-end time
     row = efficiency.row(record)
     assert len(row) == len(efficiency.COLUMNS)
     assert common.markdown_table(efficiency.COLUMNS, [row]).count("\n") == 2

@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,8 @@ import zarr
 
 from conftest import shared_file, torch_threads, varied_unet
 from pipeline.engine import plan_slide, segment_slide
-from pipeline.ray_runner import RayOptions, check_plans, interleave, one_line, segment_slides_ray
+from pipeline.ray_runner import (Predict, RayOptions, ReadWindows, check_plans, interleave, one_line,
+                                 segment_slides_ray)
 from pipeline.report import expand_slide_inputs, failed_result, format_table, output_path_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +83,7 @@ def test_ray_matches_segment_slide_on_real_slide(ray_local, model, references, t
     [result] = segment_slides_ray([plan], model, actors=1, batch_size=4, progress=False)
     assert result.status == "complete", result.status
     assert result.tiles_run == result.tiles_total == len(plan.grid) == 108
+    assert 0 < result.model_seconds < result.seconds  # summed from the actor's timed forward passes
     assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
 
 
@@ -165,6 +169,62 @@ def test_interleave_round_robin(model, tmp_path):
         RayOptions(amp="fp8")
     with pytest.raises(TypeError, match="unknown option"):
         segment_slides_ray([small], model, gpus=1)
+
+
+class _Recorder:
+    """Wraps a callable; records (start, end) of each call and the most calls ever running at once."""
+
+    def __init__(self, inner):
+        self.inner, self.spans, self.running, self.most = inner, [], 0, 0
+        self.guard = threading.Lock()
+
+    def __call__(self, *args):
+        with self.guard:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        started = time.perf_counter()
+        try:
+            time.sleep(0.02)  # widen the window in which a second call could slip in
+            return self.inner(*args)
+        finally:
+            with self.guard:
+                self.running -= 1
+            self.spans.append((started, time.perf_counter()))
+
+
+def test_a_cpu_actor_reads_beside_its_forward_passes_but_runs_them_one_at_a_time(model, tmp_path):
+    """Two calls in flight on one actor: each reads its own windows, forward passes never overlap, a block is
+    cut into forward batches of ``batch_size``, and the labels are the in-process predictor's."""
+    from pipeline.engine import read_windows
+    from pipeline.predict import TilePredictor
+
+    plan = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "a.zarr", model, tile_size=128)
+    tiles = plan.tiles[:20]
+    reader = _Recorder(ReadWindows([plan.slide], [plan.grid]))
+    actor = Predict(model, plan.grid, "cpu", None, False, False, batch_size=4, threads=1, reader=reader)
+    forward = actor.predictor = _Recorder(actor.predictor)
+    blocks = [tiles[:10], tiles[10:]]  # 10 tiles each: forward batches of 4, 4 and 2
+    results = [None, None]
+
+    def call(k):
+        block = {"slide": np.zeros(10, dtype=np.int64), "row": np.array([t.row for t in blocks[k]]),
+                 "col": np.array([t.col for t in blocks[k]])}  # fmt: skip
+        results[k] = actor(block)
+
+    with torch_threads(1):
+        threads = [threading.Thread(target=call, args=(k,)) for k in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        expected = TilePredictor.for_grid(model, plan.grid, device="cpu")
+        for k in (0, 1):
+            windows = read_windows(plan.slide, plan.grid, blocks[k])
+            want = np.concatenate([expected(windows[i : i + 4])["labels"] for i in range(0, 10, 4)])
+            assert np.array_equal(results[k]["labels"], want)
+            assert "window" not in results[k] and list(results[k]["error"]) == [""] * 10
+    assert forward.most == 1, "two forward passes ran at once"
+    assert len(forward.spans) == 6 and reader.most == 2  # both calls were reading at the same time
 
 
 def test_report_helpers(tmp_path):

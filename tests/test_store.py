@@ -10,7 +10,7 @@ import zarr
 from conftest import random_image, varied_unet
 from pipeline import OutputExistsError, open_labels, segment_slide, tile_grid_for_model
 from pipeline.engine import plan_slide
-from pipeline.store import TILE_DONE, pyramid_shapes
+from pipeline.store import TILE_DONE, build_pyramid, pyramid_shapes
 
 
 @pytest.fixture
@@ -31,6 +31,39 @@ def test_store_opens_with_ome_zarr_reader_and_dask(result_path):
     labels = da.from_zarr(str(result_path / "labels" / "segmentation" / "0"))
     assert labels.shape == (700, 520) and labels.dtype == np.uint8
     assert (labels[::2, ::2].compute() == open_labels(result_path, 1)[...]).all()
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 3, 16])
+def test_every_pyramid_level_is_every_other_pixel_of_the_level_below(result_path, chunks_per_block):
+    """Odd sides (175 -> 88) and blocks that end inside the level: the pyramid is exactly level[::2, ::2]."""
+    levels = zarr.open_group(str(result_path / "labels" / "segmentation"), mode="r+")
+    for level in range(1, 4):
+        levels[str(level)][...] = 7  # anything build_pyramid fails to overwrite shows
+    build_pyramid(result_path, chunks_per_block=chunks_per_block)
+    expected = open_labels(result_path, 0)[...]
+    for level in range(1, 4):
+        expected = expected[::2, ::2]
+        assert np.array_equal(open_labels(result_path, level)[...], expected), f"level {level}"
+
+
+def test_result_says_how_much_of_the_run_the_model_was_busy(tmp_path):
+    result = segment_slide(random_image(300, 260), tmp_path / "s.zarr", varied_unet(), tile_size=64)
+    assert 0 < result.model_seconds < result.seconds
+    assert result.to_dict()["model_busy"] == round(result.model_seconds / result.seconds, 4)
+
+
+@pytest.mark.parametrize("compressors", ["auto", None])
+def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, compressors):
+    from pipeline.store import read_tile_states
+
+    expected = np.random.default_rng(0).integers(0, 3, (13, 17)).astype(np.uint8)  # 0 = pending: no chunk file
+    array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
+                              dtype="uint8", fill_value=0, compressors=compressors)  # fmt: skip
+    array[...] = expected
+    (tmp_path / "s.zarr" / "tiles" / "state" / "c" / "3" / "4.partial").write_bytes(b"junk")  # a temp file is skipped
+    states = read_tile_states(tmp_path / "s.zarr")
+    assert states.dtype == np.uint8 and np.array_equal(states, expected)
+    assert np.array_equal(states, zarr.open_array(str(tmp_path / "s.zarr" / "tiles" / "state"), mode="r")[...])
 
 
 def test_metadata_has_physical_scale_classes_and_provenance(result_path):
