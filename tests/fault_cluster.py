@@ -26,17 +26,33 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import tile_states_written  # noqa: E402
 
 
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = parent_pid(pid)
+    return False
+
+
 def model_actor_pids() -> list[int]:
-    """Processes of Ray Data's map actors (their title is ``ray::MapWorker(...)``)."""
+    """Processes of Ray Data's map actors (``ray::MapWorker(...)``) in this cluster only.
+
+    Only descendants of this process (the cluster's raylets started them): a Ray job of someone else on the same
+    machine has MapWorkers too, and killing those is not this test's business.
+    """
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="ignore")
+                if title.startswith("ray::") and "MapWorker" in title and descends_from(int(entry), os.getpid()):
+                    pids.append(int(entry))
             except OSError:
                 continue
-            if title.startswith("ray::") and "MapWorker" in title:
-                pids.append(int(entry))
     return pids
 
 
