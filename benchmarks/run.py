@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--forward-seconds", type=float, default=None, help="seconds per bare-forward measurement (default 20)")
     add("--layouts", nargs="+", default=["default"],
         help="efficiency layouts: 'default' (1-CPU actor, 1 torch thread) and/or 'all cores' (the actor's torch threads "
-        "on every core; on a 2-core machine this unfuses the reads, see README 'Tuning')")
+        "on every core, sharing them with the reads and writes; see README 'Tuning')")
     add("--peer-size", type=int, default=None, help="side of the in-memory image of the peer comparison (2048)")
     add("--memory-sizes", type=float, nargs="+", default=None,
         help="slide sizes in gigapixels for the memory section (default 0.1 1 4 16; --quick 0.01 0.04)")
