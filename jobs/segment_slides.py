@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
         help="mixed precision: auto = bf16 on GPU actors and float32 on CPU; off = float32 (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the model in each actor")
+    add("--read-tasks", choices=("auto", "on", "off"), default="auto",
+        help="read tile windows in CPU tasks of their own (on) or inside the model actors (off); auto = on for GPU "
+        "actors, off for CPU actors, which then read beside their forward pass (default: %(default)s)")
     add("--probabilities", action="store_true", help="also store per-class softmax probabilities (uint8, x255)")
     add("--overwrite", action="store_true",
         help="replace existing outputs of these slides (only theirs). Without it, rerunning a command resumes: "
@@ -116,7 +119,7 @@ def options_from(args: argparse.Namespace, model: Any):
     options = RayOptions(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
         batch_size=args.batch_size, amp=None if args.amp == "off" else args.amp, compile=args.compile,
-        progress=not args.no_progress,
+        progress=not args.no_progress, read_tasks={"auto": None, "on": True, "off": False}[args.read_tasks],
     )  # fmt: skip
     return config, options
 

@@ -48,7 +48,9 @@ logger = logging.getLogger(__name__)
 class RayOptions:
     """How the Ray run is laid out. ``actors``: size of the model actor pool; ``gpus_per_actor``: 0 runs the
     actors on CPU (fractions share a GPU); ``cpus_per_actor``: CPUs (and torch threads on CPU) per actor;
-    ``batch_size``: tiles per forward pass; ``amp``: None/"off", "auto", "bf16", "fp16" (see TilePredictor)."""
+    ``batch_size``: tiles per forward pass; ``amp``: None/"off", "auto", "bf16", "fp16" (see TilePredictor);
+    ``read_tasks``: read the windows in CPU tasks of their own (None: on GPU actors only; CPU actors read their
+    own windows beside the forward pass, see :func:`build_dataset`)."""
 
     actors: int = 1
     gpus_per_actor: float = 0.0
@@ -58,6 +60,7 @@ class RayOptions:
     compile: bool = False
     probabilities: bool | None = None  # None: as each plan's store was created; True/False: checked against it
     progress: bool = True
+    read_tasks: bool | None = None
 
     def __post_init__(self) -> None:
         if self.actors < 1:
@@ -71,6 +74,10 @@ class RayOptions:
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    @property
+    def reads_in_actor(self) -> bool:
+        return not self.read_tasks if self.read_tasks is not None else self.device == "cpu"
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding pipeline/ and unet/
@@ -263,7 +270,7 @@ def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: R
 
     grids = [plan.grid for plan in plans]  # plans already passed check_plans
     wants = [store_has_probabilities(plan) for plan in plans]
-    read_in_actor = options.device == "cpu"
+    read_in_actor = options.reads_in_actor
     block = options.batch_size * (BATCHES_PER_BLOCK if read_in_actor else 1)  # tiles per read / write task
     items = interleave(plans, options.batch_size)
     if next(model.parameters()).device.type != "cpu":

@@ -87,6 +87,19 @@ def test_ray_matches_segment_slide_on_real_slide(ray_local, model, references, t
     assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
 
 
+def test_reads_in_their_own_cpu_tasks_give_the_same_store(ray_local, model, references, tmp_path):
+    """The GPU actors' layout (reads as CPU tasks beside the actor pool), run here with a CPU actor."""
+    plan = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256,
+                      probabilities=True)  # fmt: skip
+    options = RayOptions(actors=1, batch_size=4, progress=False, read_tasks=True)
+    assert not options.reads_in_actor and RayOptions().reads_in_actor
+    assert not RayOptions(gpus_per_actor=1).reads_in_actor  # auto: GPU actors get read tasks
+    [result] = segment_slides_ray([plan], model, options)
+    assert result.status == "complete", result.status
+    assert result.tiles_run == 108 and 0 < result.model_seconds < result.seconds
+    assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
+
+
 def test_several_slides_share_one_pool(ray_local, model, references, tmp_path):
     plans = [
         plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256),
@@ -261,7 +274,7 @@ def test_cli_help_mentions_every_option():
     done = run_cli("--help", timeout=60)
     assert done.returncode == 0, done.stderr
     for option in ("--out", "--model", "--level", "--tile-size", "--batch-size", "--actors", "--gpus-per-actor",
-                   "--amp", "--compile", "--probabilities", "--overwrite", "resumes", "--address",
+                   "--amp", "--compile", "--read-tasks", "--probabilities", "--overwrite", "resumes", "--address",
                    "--no-tissue-mask", "--tissue-mask", "--num-cpus", "bf16", "fp16", "off"):  # fmt: skip
         assert option in done.stdout, option
 
