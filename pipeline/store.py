@@ -116,9 +116,8 @@ def read_tile_states(store_path: str | Path) -> np.ndarray:
     fill value), decoded the way the array's metadata says (bytes, optionally zstd); other codecs fall
     back to zarr."""
     array = zarr.open_array(f"{store_path}/tiles/state", mode="r")
-    codecs = [type(codec).__name__ for codec in array.metadata.codecs]
-    encoding = array.metadata.chunk_key_encoding
-    if codecs not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]) or getattr(encoding, "separator", None) != "/":
+    codecs = _state_chunk_codecs(array)
+    if codecs is None:
         return array[...]
     decode = _zstd_decode if codecs[-1] == "ZstdCodec" else bytes
     states = np.full(array.shape, array.fill_value, dtype=np.uint8)
@@ -135,6 +134,43 @@ def read_tile_states(store_path: str | Path) -> np.ndarray:
                         with open(col.path, "rb") as handle:
                             states[int(row.name), int(col.name)] = decode(handle.read())[0]
     return states
+
+
+def _state_chunk_codecs(array: zarr.Array) -> list[str] | None:
+    """The state array's codec names if its chunk files can be read and written directly (bytes, optionally
+    zstd; keys ``c/<row>/<col>``), else None."""
+    codecs = [type(codec).__name__ for codec in array.metadata.codecs]
+    encoding = array.metadata.chunk_key_encoding
+    if codecs not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]) or getattr(encoding, "separator", None) != "/":
+        return None
+    return codecs
+
+
+def _write_states(array: zarr.Array, store_path: Path, states: np.ndarray) -> None:
+    """Fill a new, empty ``tiles/state`` with ``states`` (pending = fill value, so only other states are stored).
+
+    Only for a store being built (one writer, nothing reads it yet). Through zarr each one-byte chunk costs
+    ~2 ms: 292 s for the 136,668 background tiles of a 15-gigapixel slide. Here zarr encodes one chunk of each
+    value, and the other chunks of that value get a copy of its file (bound by file creation: ~0.3 ms each on
+    this project's VM disk, 2026-11-21)."""
+    if _state_chunk_codecs(array) is None:
+        array[...] = states
+        return
+    chunks = f"{store_path}/tiles/state/c"
+    made: set[int] = set()
+    for value in np.unique(states[states != array.fill_value]):
+        rows, cols = np.nonzero(states == value)
+        array[rows[0], cols[0]] = value  # zarr writes the first: its file is every other one's content
+        encoded = Path(chunks, str(rows[0]), str(cols[0])).read_bytes()
+        for row, col in zip(rows[1:].tolist(), cols[1:].tolist()):
+            if row not in made:
+                os.makedirs(f"{chunks}/{row}", exist_ok=True)
+                made.add(row)
+            handle = os.open(f"{chunks}/{row}/{col}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(handle, encoded)
+            finally:
+                os.close(handle)
 
 
 def _zstd_decode(data: bytes) -> bytes:
@@ -288,7 +324,8 @@ def _build_store(
     for tile in skipped:
         states[tile.row, tile.col] = TILE_SKIPPED
     tiles = root.create_group("tiles")
-    tiles.create_array("state", shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0)[...] = states
+    state = tiles.create_array("state", shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0)
+    _write_states(state, path, states)
 
 
 def _remove(path: Path) -> None:

@@ -66,6 +66,21 @@ def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, com
     assert np.array_equal(states, zarr.open_array(str(tmp_path / "s.zarr" / "tiles" / "state"), mode="r")[...])
 
 
+@pytest.mark.parametrize("compressors", ["auto", None])
+def test_states_written_as_copied_chunk_files_read_back_through_zarr(tmp_path, compressors):
+    from pipeline.store import _write_states, read_tile_states
+
+    expected = np.random.default_rng(1).integers(0, 3, (13, 17)).astype(np.uint8)
+    array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
+                              dtype="uint8", fill_value=0, compressors=compressors)  # fmt: skip
+    _write_states(array, tmp_path / "s.zarr", expected)
+    assert np.array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "tiles" / "state"), mode="r")[...], expected)
+    assert np.array_equal(read_tile_states(tmp_path / "s.zarr"), expected)
+    stored = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s.zarr" / "tiles" / "state" / "c").rglob("*")
+                    if p.is_file())  # fmt: skip
+    assert len(stored) == int((expected != 0).sum())  # pending tiles (the fill value) have no file
+
+
 def test_metadata_has_physical_scale_classes_and_provenance(result_path):
     root = zarr.open_group(str(result_path), mode="r")
     ome = dict(root["labels/segmentation"].attrs["ome"])
