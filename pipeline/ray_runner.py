@@ -189,10 +189,10 @@ class Predict:
         model_seconds = 0.0
         for start in range(0, len(ok), self.batch_size):  # a block may hold several forward batches
             chosen = ok[start : start + self.batch_size]
-            with self.forward_lock:
-                started = time.perf_counter()
+            with self.forward_lock:  # so the predictor's busy time grows by this call's forward pass only
+                before = self.predictor.busy_seconds
                 output = self.predictor(batch["window"][chosen])  # fancy indexing copies the read-only view
-                model_seconds += time.perf_counter() - started
+                model_seconds += self.predictor.busy_seconds - before
             labels[chosen] = output["labels"]
             if probs is not None:
                 probs[chosen] = output["probabilities"]

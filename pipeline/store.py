@@ -157,15 +157,13 @@ def _write_states(array: zarr.Array, store_path: Path, states: np.ndarray) -> No
         array[...] = states
         return
     chunks = f"{store_path}/tiles/state/c"
-    made: set[int] = set()
+    for row in np.flatnonzero((states != array.fill_value).any(axis=1)).tolist():
+        os.makedirs(f"{chunks}/{row}", exist_ok=True)
     for value in np.unique(states[states != array.fill_value]):
         rows, cols = np.nonzero(states == value)
         array[rows[0], cols[0]] = value  # zarr writes the first: its file is every other one's content
         encoded = Path(chunks, str(rows[0]), str(cols[0])).read_bytes()
         for row, col in zip(rows[1:].tolist(), cols[1:].tolist()):
-            if row not in made:
-                os.makedirs(f"{chunks}/{row}", exist_ok=True)
-                made.add(row)
             handle = os.open(f"{chunks}/{row}/{col}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(handle, encoded)

@@ -191,6 +191,9 @@ class _Recorder:
         self.inner, self.spans, self.running, self.most = inner, [], 0, 0
         self.guard = threading.Lock()
 
+    def __getattr__(self, name):  # everything but the call is the wrapped object's (busy_seconds, ...)
+        return getattr(self.inner, name)
+
     def __call__(self, *args):
         with self.guard:
             self.running += 1
