@@ -23,8 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from benchmarks.common import process_tree  # noqa: E402
 from conftest import tile_states_written  # noqa: E402
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = parent_pid(pid)
+    return False
 
 
 def model_actor_pids() -> list[int]:
@@ -34,13 +45,14 @@ def model_actor_pids() -> list[int]:
     machine has MapWorkers too, and killing those is not this test's business.
     """
     pids = []
-    for pid in process_tree(os.getpid()):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
-        except OSError:
-            continue
-        if title.startswith("ray::") and "MapWorker" in title:
-            pids.append(pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="ignore")
+                if title.startswith("ray::") and "MapWorker" in title and descends_from(int(entry), os.getpid()):
+                    pids.append(int(entry))
+            except OSError:
+                continue
     return pids
 
 
