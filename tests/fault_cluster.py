@@ -2,8 +2,8 @@
 
 Used by tests/test_faults.py in a subprocess, because it needs a Ray cluster of its own. Topology: a head
 node with no CPUs (the driver only) and worker node A; after ``--kill-after`` tiles the model actor's
-process is killed with SIGKILL, after ``--remove-after`` tiles worker node B joins and node A (with the
-restarted actor, the read and write tasks and their objects) is removed.
+process is killed with SIGKILL, after ``--remove-after`` tiles node A (with the restarted actor, the read
+and write tasks and their objects) is removed and worker node B joins.
 
     python tests/fault_cluster.py SLIDE OUT.zarr MODEL.pt --kill-after 10 --remove-after 30
 """
@@ -59,15 +59,18 @@ def model_actor_pids() -> list[int]:
 def inject(cluster, node_a, store: Path, kill_after: int, remove_after: int, log: dict) -> None:
     while tile_states_written(store) < kill_after:
         time.sleep(0.05)
-    pids = model_actor_pids()
+    deadline = time.monotonic() + 60
+    while not (pids := model_actor_pids()) and time.monotonic() < deadline:  # between two actor incarnations
+        time.sleep(0.05)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     log["killed_actor_pids"], log["killed_at_tiles"] = pids, tile_states_written(store)
     while tile_states_written(store) < remove_after:
         time.sleep(0.05)
-    cluster.add_node(num_cpus=2)
+    # Remove first, then add: starting a node takes seconds, in which a fast run could finish unharmed.
     cluster.remove_node(node_a, allow_graceful=False)
     log["removed_node_at_tiles"] = tile_states_written(store)
+    cluster.add_node(num_cpus=2)
 
 
 def main() -> None:
