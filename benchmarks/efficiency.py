@@ -36,7 +36,7 @@ def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, b
     """``batches`` batches of real input windows, read from the middle rows of the slide (tissue and glass)."""
     from pipeline.engine import read_windows
     from pipeline.geometry import tile_grid_for_model
-    from pipeline.slide import open_slide
+    from pipeline.pyramid import open_slide
 
     slide = open_slide(slide_path)
     grid = tile_grid_for_model(model, slide.size, tile_size)

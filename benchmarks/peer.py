@@ -145,7 +145,7 @@ def distance(reference: np.ndarray, probabilities: np.ndarray | None = None, lab
 
 def region(slide_path: Path, size: int) -> np.ndarray:
     """The centre ``size`` x ``size`` of the slide (tissue and glass), as an in-memory uint8 image."""
-    from pipeline.slide import open_slide
+    from pipeline.pyramid import open_slide
 
     slide = open_slide(slide_path)
     height, width = slide.size

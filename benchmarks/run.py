@@ -12,6 +12,8 @@ Sections (``--sections``, default all):
   tissue      wall time with and without the tissue mask on a ~30 % tissue slide
   gpu         paper U-Net in bf16 on CUDA: Mpx/s, FLOPs per output pixel, fraction of peak, channels_last,
               torch.compile, CUDA graphs, end to end; on a machine without CUDA only the FLOP count runs
+  reads       input windows per second at level 0 and at a non-integer level 1: OpenSlide regions (the reader
+              before native reads) vs the native TIFF reader (1 and default decode threads) vs tifffile via zarr
 
 Slides and models are generated once into --workdir (keep it between runs); results go to
 benchmarks/results/bench-<time>.json unless --json is given.
@@ -27,13 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu")
+SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads")
 TITLES = {
     "efficiency": "(a) Pipeline efficiency: end-to-end ÷ bare forward",
     "peer": "(b) Peer comparison: MONAI sliding_window_inference, same model, same image",
     "memory": "(c) Peak memory of all the job's processes vs slide size",
     "tissue": "(d) Tissue skipping on a ~30 % tissue slide",
     "gpu": "(e) GPU: paper U-Net in bf16",
+    "reads": "(f) Slide reads: OpenSlide regions (before) vs native tiles (after)",
 }
 
 
@@ -65,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gpu-tiles", type=int, nargs="+", default=None, help="GPU output tile sides (default 388 900 1284 1668 2052)")
     add("--gpu-batches", type=int, nargs="+", default=None, help="GPU batch sizes (default 1 4 16)")
     add("--gpu-slide-gpx", type=float, default=4.0, help="GPU end-to-end slide size in gigapixels (default 4)")
+    add("--read-windows", type=int, default=None, help="windows per level and reader in the reads section (2000)")
     return p.parse_args(argv)
 
 
@@ -76,6 +80,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.memory_sizes = args.memory_sizes or ([0.01, 0.04] if quick else [0.1, 1.0, 4.0, 16.0])
     args.gpu_tiles = args.gpu_tiles or ([388] if quick else [388, 900, 1284, 1668, 2052])
     args.gpu_batches = args.gpu_batches or ([1, 2] if quick else [1, 4, 16])
+    args.read_windows = args.read_windows or (100 if quick else 2000)
     return args
 
 
@@ -101,6 +106,11 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
 
         return tissue_skip.run(slide, model, workdir, tile_size=args.tile_size, batch_size=args.batch_size,
                                actors=args.actors, reuse=args.results.get("efficiency"))  # fmt: skip
+    if name == "reads":
+        from benchmarks import reads
+
+        return reads.run(workdir, side=args.slide_size, tile_size=args.tile_size, halo=model.halo,
+                         limit=args.read_windows)  # fmt: skip
     from benchmarks import gpu
 
     return gpu.run(workdir, tiles=args.gpu_tiles, batches=args.gpu_batches, peak_tflops=args.peak_tflops,

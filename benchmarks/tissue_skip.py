@@ -23,7 +23,7 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
 
     from benchmarks.efficiency import pipeline_run, start_ray
     from pipeline.ray_runner import RayOptions
-    from pipeline.slide import open_slide
+    from pipeline.pyramid import open_slide
 
     options = RayOptions(actors=actors, batch_size=batch_size, progress=False)
     height, width = open_slide(slide).size

@@ -9,7 +9,8 @@ from importlib import import_module
 _PUBLIC = {
     "segment_slide": "pipeline.engine", "tiled_logits": "pipeline.engine", "SegmentResult": "pipeline.engine",
     "whole_image_logits": "pipeline.predict", "TilePredictor": "pipeline.predict",
-    "open_slide": "pipeline.slide", "SlideError": "pipeline.slide",
+    "open_slide": "pipeline.pyramid", "open_pyramid": "pipeline.pyramid", "SlidePyramid": "pipeline.pyramid",
+    "SlideError": "pipeline.slide",
     "open_labels": "pipeline.store", "OutputExistsError": "pipeline.store",
     "open_result": "pipeline.results",
     "Tile": "pipeline.geometry", "TileGrid": "pipeline.geometry", "make_tile_grid": "pipeline.geometry",

@@ -154,7 +154,7 @@ def stored_tissue_pixels(store: StoreInfo) -> float | None:
 
 def detected_tissue_pixels(store: StoreInfo) -> float | None:
     """Tissue area from the run's own detector on the slide's thumbnail; None if the slide cannot be opened."""
-    from pipeline.slide import open_slide
+    from pipeline.pyramid import open_slide
     from pipeline.tissue_tiles import slide_tissue_mask
 
     source = store.provenance.get("source")

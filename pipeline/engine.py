@@ -20,7 +20,8 @@ import torch
 from pipeline.geometry import Tile, TileGrid, tile_grid_for_model
 from pipeline.predict import TilePredictor
 from pipeline.resolution import open_for_segmentation
-from pipeline.slide import SlideSource, open_slide
+from pipeline.pyramid import open_slide
+from pipeline.slide import SlideSource
 from pipeline.locking import StoreLock
 from pipeline.store import (
     TILE_DONE, TILE_PENDING, TILE_SKIPPED, OutputStore, create_output_store, open_existing_store,
@@ -110,7 +111,6 @@ def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk
     import zarr
 
     import unet
-    from pipeline.coordinates import slide_level0_downsample
     from unet.artifact import model_checksum
 
     return {
@@ -118,7 +118,8 @@ def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk
         "level": slide.level,
         "shape": list(grid.shape),
         "mpp": slide.mpp,
-        "level0_downsample": slide_level0_downsample(slide),  # level-0 px per stored px (GeoJSON export)
+        "level0_downsample": slide.level0_downsample,  # level-0 px per stored px (GeoJSON export)
+        "pixels": slide.pixels,  # how they were read: a store resumed by a later version must read them alike
         "tile_size": grid.tile_size,
         "chunk": chunk,
         "halo": grid.halo,

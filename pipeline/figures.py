@@ -36,13 +36,13 @@ def colour(cls: int) -> tuple[float, float, float]:
 
 def slide_thumbnail(summary: SlideSummary, shape: tuple[int, int]) -> np.ndarray | None:
     """The slide under the mask, or None when its file is gone or unreadable (the figure shows the mask alone)."""
-    from pipeline.slide import open_slide
+    from pipeline.pyramid import open_pyramid
 
     source = summary.store.provenance.get("source")
     if not source or not Path(source).exists():
         return None
     try:
-        return thumbnail_like(open_slide(source, 0), shape)
+        return thumbnail_like(open_pyramid(source), shape)
     except Exception as error:
         logger.warning(
             "%s: no thumbnail from %s (%s); the figure shows the mask only", summary.store.name, source, error

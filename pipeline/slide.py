@@ -1,17 +1,17 @@
-"""Slide access: one lazy, picklable view of a slide at one pyramid level, whatever the file format.
+"""Slide views: what a run reads, one lazy, picklable (H, W, C) uint8 image with ``read(y0, y1, x0, x1)``.
 
-Every source is an array-like of shape (H, W, C) uint8 with ``read(y0, y1, x0, x1)``; file handles are
-opened lazily once per process and cached (OpenSlide handles cannot be pickled), so a source can be
-shipped to Ray workers by value. ``read_window`` cuts a tile's input window with numpy ``"symmetric"``
-mirroring outside the slide, and ``to_dask`` wraps the source as a lazy Dask array.
+A view is one level of a slide's pyramid (:mod:`pipeline.pyramid` opens files), an in-memory array
+(:class:`ArraySource`) or a resampled view of another view (:class:`ResampledSource`). Views hold no file
+handles (those are opened once per process and cached), so they ship to Ray workers by value.
+``read_window`` cuts a tile's input window with numpy ``"symmetric"`` mirroring outside the slide;
+``to_dask`` wraps a view as a lazy Dask array.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-from pathlib import Path
+import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,13 +29,18 @@ class SlideError(ValueError):
 
 
 class SlideSource:
-    """Base class: subclasses set ``shape`` (H, W, C), ``name``, ``level``, ``mpp`` and implement ``_read``."""
+    """Base class: subclasses set ``shape`` (H, W, C), ``name``, ``level``, ``mpp`` and implement ``_read``.
+
+    ``level0_downsample``: level-0 pixels per pixel of this view (review tools address slides in level-0
+    pixels; a store records it so that exported objects land on the slide). ``pixels``: how they are read."""
 
     shape: tuple[int, int, int]
     name: str = "array"
     path: str | None = None
     level: int = 0
     mpp: float | None = None
+    level0_downsample: float = 1.0
+    pixels: str = "array"  # where the pixels come from and how they are read (provenance)
     dtype = np.dtype(np.uint8)
     ndim = 3
 
@@ -49,14 +54,10 @@ class SlideSource:
         except SlideError:
             raise
         except Exception as error:
-            raise self._read_error(f"level {self.level} region y={y0}:{y1} x={x0}:{x1}", error) from error
-
-    def _read_error(self, what: str, error: Exception) -> SlideError:
-        _openslide_handle.cache_clear()  # an OpenSlide handle is unusable after an error: reopen next time
-        return SlideError(
-            f"{self.path or self.name}: reading {what} failed ({type(error).__name__}: {error}); "
-            "the file may be corrupt: re-export or re-scan it"
-        )
+            raise SlideError(
+                f"{self.path or self.name}: reading level {self.level} region y={y0}:{y1} x={x0}:{x1} failed "
+                f"({type(error).__name__}: {error}); the file may be corrupt: re-export or re-scan it"
+            ) from error
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         """Slicing for Dask's ``from_array``: basic slices only."""
@@ -81,9 +82,44 @@ class SlideSource:
         return self.shape[0], self.shape[1]
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
-        """A low-resolution RGB view of the whole level (longer side <= max_side), by striding."""
-        step = max(1, -(-max(self.size) // max_side))
-        return np.asarray(self.to_dask(chunk=max(step * 256, 2048))[::step, ::step].compute())
+        """The whole view with its longer side at most ``max_side`` (area-filtered)."""
+        return downscale(self, fit_within(self.size, max_side))
+
+
+def fit_within(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled so its longer side is at most ``max_side`` (never enlarged)."""
+    scale = min(1.0, max_side / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def downscale(source: SlideSource, size: tuple[int, int], block: int = 2048) -> np.ndarray:
+    """``source`` resized to ``size`` (h, w) with a Lanczos filter, as OpenSlide's thumbnails are.
+
+    A source more than 4x larger than ``size`` per side is first sampled with a stride (in blocks, in
+    threads), so memory holds about 4x the result whatever the source's size."""
+    from PIL import Image
+
+    height, width = source.size
+    step = max(1, min(height // size[0], width // size[1]) // 2)
+    if step == 1:
+        image = source.read(0, height, 0, width)
+    else:
+        span = step * -(-block // step)  # a block side that is a multiple of the stride
+        image = np.empty((-(-height // step), -(-width // step), source.shape[2]), np.uint8)
+
+        def sample(origin: tuple[int, int]) -> None:
+            y0, x0 = origin
+            part = source.read(y0, min(height, y0 + span), x0, min(width, x0 + span))[::step, ::step]
+            image[y0 // step : y0 // step + part.shape[0], x0 // step : x0 // step + part.shape[1]] = part
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(sample, [(y, x) for y in range(0, height, span) for x in range(0, width, span)]))
+    if image.shape[:2] == tuple(size):
+        return image
+    grey = image.shape[2] == 1
+    picture = Image.fromarray(image[..., 0] if grey else image[..., :3])
+    resized = np.asarray(picture.resize((size[1], size[0]), Image.Resampling.LANCZOS))
+    return resized[..., None] if grey else resized
 
 
 def read_window(array: Any, y: int, x: int, size: int) -> np.ndarray:
@@ -116,7 +152,32 @@ def input_windows(slide: da.Array, grid: TileGrid, tiles: list[Tile] | None = No
     return da.stack(windows)
 
 
-# --------------------------------------------------------------------------- sources
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA -> RGB over a white background (OpenSlide returns transparent pixels outside scanned areas)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    if (alpha == 255).all():
+        return np.ascontiguousarray(rgba[..., :3])
+    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+def to_uint8_advice(dtype: Any) -> str:
+    """How to make 8-bit pixels from ``dtype`` (one clause, for error messages)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return "scale it to 0-255 first, e.g. np.clip(np.rint(x * 255), 0, 255).astype(np.uint8) for values in [0, 1]"
+    if dtype.kind in "ui" and dtype.itemsize > 1:
+        bits = 8 * dtype.itemsize
+        return (
+            f"rescale its {bits}-bit range to 8 bits first, e.g. (x >> {bits - 8}).astype(np.uint8) for full-range "
+            "data, or np.clip(x * (255 / x.max()), 0, 255).astype(np.uint8) for 10- to 14-bit data"
+        )
+    if dtype.kind == "b":
+        return "a boolean image is a mask, not a slide: pass the slide itself"
+    return "convert it to 8-bit RGB first"
+
+
+# --------------------------------------------------------------------------- views that are not file levels
 class ArraySource(SlideSource):
     """An in-memory numpy array, a zarr array or a Dask array of shape (H, W) or (H, W, C)."""
 
@@ -124,10 +185,8 @@ class ArraySource(SlideSource):
         if array.ndim not in (2, 3):
             raise SlideError(f"{name}: expected an (H, W) or (H, W, C) image, got shape {array.shape}")
         if np.dtype(array.dtype) != np.uint8:
-            raise SlideError(f"{name}: expected uint8 pixels, got {array.dtype}; convert with (x * 255).astype(np.uint8)")
-        self.array = array
-        self.name = name
-        self.mpp = mpp
+            raise SlideError(f"{name}: {array.dtype} pixels, the model reads uint8; {to_uint8_advice(array.dtype)}")
+        self.array, self.name, self.mpp = array, name, mpp
         channels = array.shape[2] if array.ndim == 3 else 1
         self.shape = (int(array.shape[0]), int(array.shape[1]), int(channels))
 
@@ -139,175 +198,62 @@ class ArraySource(SlideSource):
         return block[..., None] if block.ndim == 2 else block
 
 
-@functools.lru_cache(maxsize=16)
-def _openslide_handle(path: str):
-    import openslide
+class ResampledSource(SlideSource):
+    """``base`` scaled by 1 / ``factor`` (factor = target µm/px / base µm/px).
 
-    return openslide.OpenSlide(path)
+    Each output pixel is a fixed function of fixed base pixels, evaluated in the same order whatever the
+    region asked for, so a region read equals the same region of the whole resampled image and overlap
+    tiling stays exact on it. Up to 2x smaller: bilinear at pixel centres. Beyond 2x: a triangle filter of
+    half-width ``factor / 2`` (bilinear alone would skip pixels and alias). ``shape`` fixes the size (a
+    pyramid level's own), otherwise floor(base size / factor); ``level`` names the level it stands for.
+    """
 
-
-class OpenSlideSource(SlideSource):
-    """Any format OpenSlide reads (SVS, NDPI, MRXS, generic tiled TIFF, ...), RGBA composited on white."""
-
-    def __init__(self, path: str, level: int = 0):
-        self.path = str(path)
-        self.name = Path(path).name
-        handle = self._handle()
-        if not 0 <= level < handle.level_count:
-            raise SlideError(f"{path}: level {level} does not exist; this slide has levels 0..{handle.level_count - 1}")
-        self.level = level
-        self.downsample = float(handle.level_downsamples[level])
-        width, height = handle.level_dimensions[level]
-        self.shape = (height, width, 3)
-        mpp_x = handle.properties.get("openslide.mpp-x")
-        self.mpp = float(mpp_x) * self.downsample if mpp_x else None
-        self.level_count = handle.level_count
-
-    def _handle(self):
-        return _openslide_handle(self.path)
+    def __init__(self, base: SlideSource, factor: float, shape: tuple[int, int] | None = None,
+                 level: int | None = None):  # fmt: skip
+        self.base, self.factor = base, float(factor)
+        self.path, self.name = base.path, base.name
+        self.level = base.level if level is None else level
+        self.mpp = base.mpp * self.factor if base.mpp else None
+        self.level0_downsample = base.level0_downsample * self.factor
+        self.pixels = f"{base.pixels}, resampled by {self.factor:.6g}"
+        height, width, channels = base.shape
+        if shape is None:
+            shape = (max(1, math.floor(height / factor)), max(1, math.floor(width / factor)))
+        self.shape = (int(shape[0]), int(shape[1]), channels)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
-        """From the slide's own pyramid (OpenSlide picks the best level), not by reading level 0."""
-        height, width = self.size
-        scale = max_side / max(height, width)
-        if scale >= 1:
-            return self.read(0, height, 0, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        try:
-            return composite_on_white(np.asarray(self._handle().get_thumbnail(size).convert("RGBA")))
-        except Exception as error:
-            raise self._read_error("a thumbnail", error) from error
+        """The base's thumbnail (same area, same pyramid) at this view's aspect."""
+        return self.base.thumbnail(max_side)
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        origin = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
-        rgba = np.asarray(self._handle().read_region(origin, self.level, (x1 - x0, y1 - y0)))
-        return composite_on_white(rgba)
+        if self.factor <= 2:
+            return self._bilinear(y0, y1, x0, x1)
+        (ys, wy), (xs, wx) = self._taps(y0, y1, self.base.size[0]), self._taps(x0, x1, self.base.size[1])
+        by0, bx0 = int(ys.min()), int(xs.min())
+        block = self.base.read(by0, int(ys.max()) + 1, bx0, int(xs.max()) + 1)  # uint8: floats per tap
+        rows = sum(wy[:, k, None, None] * block[ys[:, k] - by0] for k in range(ys.shape[1]))
+        out = sum(wx[None, :, k, None] * rows[:, xs[:, k] - bx0] for k in range(xs.shape[1]))
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
+    def _taps(self, start: int, stop: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Base indices (n, K) and weights (n, K) of the triangle filter for outputs start..stop-1."""
+        half = self.factor / 2
+        centres = (np.arange(start, stop) + 0.5) * self.factor - 0.5
+        offsets = np.arange(-math.ceil(half), math.ceil(half) + 1)
+        index = np.floor(centres)[:, None].astype(np.int64) + offsets[None, :]
+        weight = np.maximum(0.0, 1 - np.abs(index - centres[:, None]) / half).astype(np.float32)
+        weight /= weight.sum(axis=1, keepdims=True)
+        return np.clip(index, 0, length - 1), weight
 
-def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA -> RGB over a white background (OpenSlide returns transparent pixels outside scanned areas)."""
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    if (alpha == 255).all():
-        return np.ascontiguousarray(rgba[..., :3])
-    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
-    return rgb.astype(np.uint8)
+    def _bilinear(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        from scipy import ndimage  # only resampled slides need it; workers start sooner without it
 
-
-@functools.lru_cache(maxsize=16)
-def _zarr_level(path: str, level: int):
-    import zarr
-
-    node = zarr.open(path, mode="r")
-    if isinstance(node, zarr.Array):
-        if level:
-            raise SlideError(f"{path}: a single Zarr array has only level 0, not {level}")
-        return node
-    if str(level) not in node:
-        raise SlideError(f"{path}: Zarr group has no array '{level}' (pyramid level); levels are {sorted(node.array_keys())}")
-    return node[str(level)]
-
-
-class ZarrSource(SlideSource):
-    """A Zarr array (H, W[, C]) or a level of a multiscale Zarr group (paths "0", "1", ...)."""
-
-    def __init__(self, path: str, level: int = 0, mpp: float | None = None):
-        self.path, self.level, self.name, self.mpp = str(path), level, Path(path).name, mpp
-        array = _zarr_level(self.path, level)
-        self.shape = ArraySource(array, self.path).shape
-
-    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return ArraySource(_zarr_level(self.path, self.level), self.path)._read(y0, y1, x0, x1)
-
-
-@functools.lru_cache(maxsize=16)
-def _tiff_level(path: str, level: int):
-    import tifffile
-    import zarr
-
-    with tifffile.TiffFile(path) as tif:
-        levels = len(tif.series[0].levels)
-        page = tif.series[0].levels[level].pages[0] if level < levels else None
-        mpp = _tiff_mpp(page) if page is not None else None
-    if level >= levels:
-        raise SlideError(f"{path}: level {level} does not exist; this TIFF has levels 0..{levels - 1}")
-    return zarr.open_array(tifffile.imread(path, aszarr=True, level=level), mode="r"), mpp
-
-
-def _tiff_mpp(page) -> float | None:
-    tags = page.tags
-    if "XResolution" not in tags or "ResolutionUnit" not in tags:
-        return None
-    numerator, denominator = tags["XResolution"].value
-    unit = int(tags["ResolutionUnit"].value)
-    per_unit = numerator / denominator if denominator else 0
-    microns = {2: 25400.0, 3: 10000.0}.get(unit)
-    return microns / per_unit if microns and per_unit > 0 else None
-
-
-class TiffSource(SlideSource):
-    """A (pyramidal) TIFF read with tifffile, for TIFFs OpenSlide does not open (e.g. stripped ones)."""
-
-    def __init__(self, path: str, level: int = 0):
-        self.path, self.level, self.name = str(path), level, Path(path).name
-        array, self.mpp = _tiff_level(self.path, level)
-        self.shape = ArraySource(array, self.path).shape
-
-    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return ArraySource(_tiff_level(self.path, self.level)[0], self.path)._read(y0, y1, x0, x1)
-
-
-def open_slide(source: Any, level: int = 0, mpp: float | None = None) -> SlideSource:
-    """Open ``source`` (a path, or a numpy / zarr / Dask array) at pyramid ``level``.
-
-    Paths: OpenSlide for the formats it knows, Zarr for directories or ``*.zarr``, tifffile for other TIFFs.
-    ``mpp`` overrides the µm/px read from the file's metadata.
-    """
-    if isinstance(source, SlideSource):
-        return source
-    if not isinstance(source, (str, os.PathLike)):
-        if level:
-            raise SlideError("an in-memory array has only level 0")
-        return ArraySource(source, mpp=mpp)
-    path = Path(source)
-    if not path.exists():
-        raise SlideError(f"{path}: no such slide file or directory; check the path")
-    if path.is_dir() or path.suffix == ".zarr":
-        opened: SlideSource = ZarrSource(str(path), level, mpp)
-    else:
-        opened = _open_file(path, level)
-    if mpp is not None:
-        opened.mpp = mpp
-    return opened
-
-
-def _open_file(path: Path, level: int) -> SlideSource:
-    import openslide
-
-    if path.stat().st_size == 0:
-        raise SlideError(f"{path}: the file is empty (0 bytes); the copy or download was interrupted: copy it again")
-
-    try:
-        vendor = openslide.OpenSlide.detect_format(str(path))
-    except Exception:  # detect_format raises on unreadable files in some versions
-        vendor = None
-    if vendor is not None:
-        try:
-            return OpenSlideSource(str(path), level)
-        except openslide.OpenSlideError as error:
-            _openslide_handle.cache_clear()
-            raise SlideError(f"{path}: OpenSlide cannot open it ({error}); check the file is complete, or convert it to a tiled pyramidal TIFF") from None
-    head = path.read_bytes()[:4] if path.is_file() else b""
-    if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # a (Big)TIFF, including SVS-like files
-        try:
-            return TiffSource(str(path), level)
-        except SlideError:
-            raise
-        except Exception as error:
-            raise SlideError(
-                f"{path}: a TIFF that neither OpenSlide nor tifffile can read ({type(error).__name__}: {error}); "
-                "it may be truncated or corrupt: copy or re-export it, or convert it to a tiled pyramidal TIFF"
-            ) from None
-    raise SlideError(
-        f"{path}: not a slide ({path.stat().st_size} bytes starting {head!r}): OpenSlide does not recognise it and it "
-        "is not a TIFF or Zarr; check the file, or convert it to a tiled pyramidal TIFF or OME-Zarr"
-    )
+        ys = (np.arange(y0, y1) + 0.5) * self.factor - 0.5
+        xs = (np.arange(x0, x1) + 0.5) * self.factor - 0.5
+        height, width = self.base.size
+        by0, bx0 = max(0, math.floor(ys[0])), max(0, math.floor(xs[0]))
+        by1, bx1 = min(height, math.floor(ys[-1]) + 2), min(width, math.floor(xs[-1]) + 2)
+        block = self.base.read(by0, by1, bx0, bx1).astype(np.float32)
+        grid_y, grid_x = np.meshgrid(np.clip(ys, 0, height - 1) - by0, np.clip(xs, 0, width - 1) - bx0, indexing="ij")
+        channels = [ndimage.map_coordinates(block[..., c], [grid_y, grid_x], order=1, mode="nearest") for c in range(block.shape[2])]
+        return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)

@@ -372,11 +372,20 @@ def read_provenance(path: Path) -> dict[str, Any] | None:
 
 RESUME_KEYS = (
     "source", "level", "shape", "mpp", "tile_size", "chunk", "halo", "model_checksum", "probabilities", "tissue",
+    "pixels",
 )  # fmt: skip
 
 
 def _check_resumable(path: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
     changed = [k for k in RESUME_KEYS if existing.get(k) != wanted.get(k)]
+    if "pixels" in changed and "pixels" not in existing:  # made before reads were native (2026-12)
+        if existing.get("level", 0) == 0 or float(existing.get("level0_downsample") or 1).is_integer():
+            changed.remove("pixels")  # level 0 and whole-number downsamples were read exactly then too
+        else:
+            raise OutputExistsError(
+                f"{path}: cannot resume, an earlier version wrote it reading level {existing.get('level')} with a "
+                "sub-pixel shift per tile (seams); use overwrite=True (--overwrite) to segment it again"
+            )
     if changed:
         raise OutputExistsError(
             f"{path}: cannot resume, the existing store was made with other settings ({', '.join(changed)}); "

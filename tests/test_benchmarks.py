@@ -22,7 +22,7 @@ from conftest import varied_unet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import common, efficiency, gpu, peer, slides  # noqa: E402
+from benchmarks import common, efficiency, gpu, peer, reads, slides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,13 @@ def test_run_command_writes_json(tmp_path, capsys):
     assert "(e) GPU" in out and "MFLOP per output px" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert set(data["sections"]) == {"gpu"} and data["sections"]["gpu"]["rows"] == results["sections"]["gpu"]["rows"]
+
+
+def test_reads_section_times_every_reader_and_sees_the_old_one_is_not_exact(tmp_path):
+    """Level 1 of a 2047 px slide is 1024 px (downsample 1.999): OpenSlide regions shift, native tiles do not."""
+    section = reads.run(tmp_path, side=2048, tile_size=128, halo=44, limit=12)
+    assert len(section["rows"]) == 2 * len(reads.READERS)
+    exact = {(row[0], row[2]): row[8] for row in section["rows"]}
+    assert exact[(1, reads.READERS[0])] == "no" and exact[(1, reads.READERS[1])] == "yes"
+    assert all(row[4] > 0 for row in section["rows"])
+    common.markdown_table(section["columns"], section["rows"])

@@ -3,20 +3,30 @@
 import numpy as np
 import pytest
 
-from conftest import random_image, shared_file, varied_unet
-from pipeline import open_labels, open_slide, segment_slide, tiled_logits, whole_image_logits
+import tifffile
+
+from conftest import NON_INTEGER_LEVELS, random_image, shared_file, varied_unet
+from pipeline import open_labels, open_pyramid, open_slide, segment_slide, tiled_logits, whole_image_logits
+from pipeline.resolution import open_at_mpp
+from pipeline.slide import ResampledSource
+from test_pyramid import SHARED_SLIDES, whole_level_by_openslide
 
 
-def assert_tiled_equals_whole(tiled: np.ndarray, whole: np.ndarray) -> None:
+def assert_tiled_equals_whole(tiled: np.ndarray, whole: np.ndarray, varied: bool = True) -> None:
     """max |Δ logit| <= 1e-4, and argmax identical except at float-rounding ties between two classes."""
-    assert np.abs(tiled - whole).max() <= 1e-4
-    differ = tiled.argmax(0) != whole.argmax(0)
+    assert tiled.shape == whole.shape and np.abs(tiled - whole).max() <= 1e-4
+    assert_labels_are_the_argmax(tiled.argmax(0), whole)
+    if varied:  # the check is only meaningful if the network's output really varies
+        counts = np.bincount(whole.argmax(0).ravel(), minlength=whole.shape[0])
+        assert (counts > 0.05 * counts.sum()).sum() >= 2, f"near-constant output {counts}"
+
+
+def assert_labels_are_the_argmax(labels: np.ndarray, whole: np.ndarray) -> None:
+    """Labels equal the whole-image argmax except at float-rounding ties between two classes."""
+    differ = labels != whole.argmax(0)
     if differ.any():
         top2 = np.sort(whole[:, differ], axis=0)[-2:]
         assert (top2[1] - top2[0] <= 1e-4).all(), "argmax differs away from a tie"
-    # The check is only meaningful if the network's output really varies.
-    counts = np.bincount(whole.argmax(0).ravel(), minlength=whole.shape[0])
-    assert (counts > 0.05 * counts.sum()).sum() >= 2, f"near-constant output {counts}"
 
 
 @pytest.mark.parametrize("tile_size", [32, 64, 128])
@@ -38,29 +48,56 @@ def test_bilinear_batchnorm_variant_is_also_exact():
     assert_tiled_equals_whole(tiled_logits(image, model, 32), whole_image_logits(model, image))
 
 
-def test_real_slide_cmu_small_region():
-    path = shared_file("slides/cmu-1-small-region.svs")
+@pytest.mark.parametrize("name", SHARED_SLIDES)
+def test_every_level_of_every_shared_slide(name):
+    """Levels 2 and 3 of boxes-generic.tiff have downsamples 4.016 and 8.086: each must still be exact."""
+    path = shared_file(f"slides/{name}")
     model = varied_unet(depth=3)
-    image = open_slide(path).read(0, 2967, 0, 2220)
-    assert_tiled_equals_whole(tiled_logits(path, model, 256), whole_image_logits(model, image))
+    for level in range(open_pyramid(path).level_count):
+        whole = whole_level_by_openslide(path, level)
+        tile = 256 if max(whole.shape) > 512 else 32
+        tiled = tiled_logits(path, model, tile, level=level)
+        assert tiled.shape[1:] == whole.shape[:2]
+        assert_tiled_equals_whole(tiled, whole_image_logits(model, whole), varied=max(whole.shape) > 64)
 
 
-def test_slide_smaller_than_a_tile_and_than_the_halo():
-    path = shared_file("slides/small-16px.svs")
-    model = varied_unet(depth=3)  # halo 44 > 16
-    image = open_slide(path).read(0, 16, 0, 16)
-    tiled = tiled_logits(path, model, 64)
+@pytest.mark.parametrize("level", range(len(NON_INTEGER_LEVELS)))
+def test_every_level_of_a_pyramid_with_non_integer_downsamples(non_integer_slide, level):
+    """The built slide's level 1 is 2221 px wide under 4443 (downsample 2.0019): the whole level read by
+    OpenSlide from its origin and by tifffile is the reference, and the tiled result equals it."""
+    whole = whole_level_by_openslide(non_integer_slide, level)
+    assert (whole == tifffile.imread(non_integer_slide, level=level)).all()
+    model = varied_unet(depth=3, calibrate=whole)
+    assert_tiled_equals_whole(tiled_logits(non_integer_slide, model, 128, level=level), whole_image_logits(model, whole))
+
+
+def test_segment_slide_at_a_non_integer_level_stores_the_whole_level_answer(non_integer_slide, tmp_path):
+    image = whole_level_by_openslide(non_integer_slide, 2)
+    model = varied_unet(depth=3, seed=1, calibrate=image)
+    result = segment_slide(non_integer_slide, tmp_path / "l2.zarr", model, tile_size=64, level=2, batch_size=3)
     whole = whole_image_logits(model, image)
-    assert tiled.shape == (3, 16, 16)
-    assert np.abs(tiled - whole).max() <= 1e-4 and (tiled.argmax(0) == whole.argmax(0)).all()
+    assert result.tiles_run == result.tiles_total == 3 * 18
+    assert_labels_are_the_argmax(open_labels(tmp_path / "l2.zarr")[...], whole)
 
 
-def test_level_above_zero_of_a_generic_tiff():
-    path = shared_file("slides/boxes-generic.tiff")
+def test_a_resampled_run_is_exact_against_the_whole_resampled_image(non_integer_slide):
+    """--mpp 0.75 picks level 1 (0.5005 µm/px) and resamples it by 1.4986, reading it through the exact reader."""
+    view = open_at_mpp(non_integer_slide, 0.75)
+    assert isinstance(view, ResampledSource) and view.base.level == 1
+    whole = view.read(0, view.size[0], 0, view.size[1])
+    model = varied_unet(depth=3, seed=2, calibrate=whole)
+    assert_tiled_equals_whole(tiled_logits(view, model, 64), whole_image_logits(model, whole))
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_openslide_only_levels_are_exact_natively_or_resampled(dicom_slide, level):
+    """DICOM level 1 (downsample 2) through OpenSlide, level 2 (4.14) resampled from it: both tile exactly."""
+    view = open_slide(dicom_slide, level)
     model = varied_unet(depth=2)
-    slide = open_slide(path, level=1)
-    image = slide.read(0, slide.size[0], 0, slide.size[1])
-    assert_tiled_equals_whole(tiled_logits(path, model, 32, level=1), whole_image_logits(model, image))
+    whole = view.read(0, view.size[0], 0, view.size[1])
+    if level == 1:
+        assert (whole == whole_level_by_openslide(dicom_slide, 1)).all()
+    assert_tiled_equals_whole(tiled_logits(dicom_slide, model, 16, level=level), whole_image_logits(model, whole), varied=False)
 
 
 def test_segment_slide_store_matches_whole_image_argmax(tmp_path):
@@ -68,8 +105,5 @@ def test_segment_slide_store_matches_whole_image_argmax(tmp_path):
     image = random_image(203, 317, seed=3)
     result = segment_slide(image, tmp_path / "out.zarr", model, tile_size=64, batch_size=3)
     whole = whole_image_logits(model, image)
-    labels = open_labels(tmp_path / "out.zarr")[...]
-    differ = labels != whole.argmax(0)
-    top2 = np.sort(whole[:, differ], axis=0)[-2:]
-    assert (top2[1] - top2[0] <= 1e-4).all()
+    assert_labels_are_the_argmax(open_labels(tmp_path / "out.zarr")[...], whole)
     assert result.tiles_run == result.tiles_total == 4 * 5

@@ -18,11 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 
 from conftest import (
-    assert_identical_stores, random_image, shared_file, tile_states_written, torch_threads, varied_unet,
+    JPEG_LS_LOSSLESS, assert_identical_stores, random_image, shared_file, tile_states_written, torch_threads,
+    varied_unet, write_dicom_level,
 )  # fmt: skip
 from pipeline.batch import BatchConfig, plan_batch, segment_batch
 from pipeline.engine import SlidePlan, plan_slide, segment_slide
@@ -106,8 +108,8 @@ def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
 
 # --------------------------------------------------------------------------- worker faults, multi-node
 def test_killed_actor_and_removed_worker_node_still_give_identical_output(artifact, tmp_path):
-    """On a 127.0.0.1 cluster of head + worker nodes: SIGKILL the model actor mid-run, then add a node and
-    remove the one running the actor; Ray Data restarts the actor and retries the tasks, the idempotent
+    """On a 127.0.0.1 cluster of head + worker nodes: SIGKILL the model actor mid-run, then remove the node
+    running the actor and add another; Ray Data restarts the actor and retries the tasks, the idempotent
     chunk writes make the retries harmless, and the store equals the in-process reference."""
     slide = shared_file("slides/cmu-1-small-region.svs")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -222,6 +224,9 @@ def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     (folder / "notes.svs").write_text("a list of patients, renamed .svs by mistake\n")
     (folder / "truncated.svs").write_bytes(shared_file("slides/cmu-1-small-region.svs").read_bytes()[:300_000])
     tifffile.imwrite(folder / "no-mpp.tif", random_image(64, 64, seed=1), photometric="rgb")
+    tifffile.imwrite(folder / "cycif.tif", np.zeros((12, 64, 96), np.uint8), metadata={"axes": "CYX"}, tile=(32, 32))
+    tifffile.imwrite(folder / "deep.tif", np.zeros((64, 64, 3), np.uint16), photometric="rgb", tile=(32, 32))
+    write_dicom_level(folder / "jpegls.dcm", random_image(32, 32), "1.2.3.4", mpp=0.5, syntax=JPEG_LS_LOSSLESS)
     return {
         "missing": (folder / "missing.svs", "no such slide file or directory"),
         "empty dir": (empty_dir, "directory holds no slides"),
@@ -231,6 +236,9 @@ def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
         "truncated": (folder / "truncated.svs", "may be truncated or corrupt"),
         "text as svs": (folder / "notes.svs", "not a slide"),
         "no mpp with --mpp": (folder / "no-mpp.tif", "has no µm/px metadata"),
+        "multiplexed": (folder / "cycif.tif", "12 channels (axes CYX, 96x64 px)"),
+        "16-bit": (folder / "deep.tif", "16-bit pixels (uint16)"),
+        "DICOM JPEG-LS": (folder / "jpegls.dcm", f"JPEG-LS lossless (transfer syntax {JPEG_LS_LOSSLESS})"),
     }
 
 

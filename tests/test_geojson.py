@@ -144,23 +144,23 @@ def test_minimum_area_drops_small_objects(tmp_path, mask):
 
 
 def test_level0_downsample_of_slide_views(tmp_path):
-    """What the engine records: 1 for level 0, OpenSlide's downsample for a level, times the resampling factor."""
+    """What the engine records: 1 for level 0, the pyramid's downsample for a level, times the resampling factor."""
     from conftest import shared_file
 
-    from pipeline.coordinates import slide_level0_downsample, store_level0_downsample
-    from pipeline.resolution import ResampledSource
-    from pipeline.slide import open_slide
+    from pipeline.coordinates import store_level0_downsample
+    from pipeline.pyramid import open_pyramid, open_slide
+    from pipeline.slide import ResampledSource
 
-    assert slide_level0_downsample(open_slide(np.zeros((8, 8, 3), np.uint8))) == 1.0
+    assert open_slide(np.zeros((8, 8, 3), np.uint8)).level0_downsample == 1.0
     assert store_level0_downsample({"level": 0, "mpp": None, "source": "gone.svs"}) == 1.0
     path = shared_file("slides/boxes-generic.tiff")
     level2 = open_slide(path, 2)
-    assert slide_level0_downsample(level2) == pytest.approx(level2.downsample)
-    assert slide_level0_downsample(ResampledSource(level2, 1.5)) == pytest.approx(1.5 * level2.downsample)
+    assert level2.level0_downsample == open_pyramid(path).levels[2].downsample == pytest.approx(4.016129)
+    assert ResampledSource(level2, 1.5).level0_downsample == pytest.approx(1.5 * level2.level0_downsample)
     recovered = store_level0_downsample(
         {"source": str(path), "level": 2, "shape": list(level2.size), "mpp": level2.mpp}
     )
-    assert recovered == pytest.approx(level2.downsample, rel=0.01)  # old stores: from the slide
+    assert recovered == pytest.approx(level2.level0_downsample, rel=0.01)  # old stores: from the slide
 
 
 def test_a_resampled_store_from_the_engine_exports_in_level0_pixels(tmp_path):
@@ -177,3 +177,25 @@ def test_a_resampled_store_from_the_engine_exports_in_level0_pixels(tmp_path):
     collection = json.loads((tmp_path / "r.geojson").read_text())
     assert 0 < (mask == 1).mean() < 1
     assert (rasterise(of_class(collection, "class_1"), mask.shape, scale=2.0) == (mask == 1)).all()
+
+
+def test_objects_from_a_non_integer_level_land_on_the_level0_objects(non_integer_slide, tmp_path):
+    """Segmented at level 2 (downsample 4.0047) by a model with a known answer (dark pixels), exported
+    polygons in level-0 pixels cover the dark disks of level 0: every centroid within one pixel of the
+    segmented level (4 level-0 px; OpenSlide's one downsample per level averages the two axes, 4.0027 and
+    4.0067 here), the far right of the slide included."""
+    from conftest import DARK_DISKS, NON_INTEGER_LEVELS, dark_detector, dark_disks_mask
+    from shapely.geometry import shape
+
+    from pipeline import segment_slide
+
+    segment_slide(non_integer_slide, tmp_path / "l2.zarr", dark_detector(), tile_size=64, level=2)
+    export_geojson(tmp_path / "l2.zarr", tmp_path / "l2.geojson", GeoJSONOptions(components=ComponentOptions(block=None)))
+    features = of_class(json.loads((tmp_path / "l2.geojson").read_text()), "nucleus")
+    assert len(features) == len(DARK_DISKS)
+    centroids = [shape(f["geometry"]).centroid for f in features]
+    for y, x, radius in DARK_DISKS:
+        nearest = min(centroids, key=lambda c: (c.x - x) ** 2 + (c.y - y) ** 2)
+        assert abs(nearest.x - x) <= 4 and abs(nearest.y - y) <= 4, (x, y, nearest)
+    drawn, disks = rasterise(features, NON_INTEGER_LEVELS[0]), dark_disks_mask(NON_INTEGER_LEVELS[0])
+    assert (drawn & disks).sum() / (drawn | disks).sum() > 0.85

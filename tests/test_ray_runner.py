@@ -100,6 +100,25 @@ def test_reads_in_their_own_cpu_tasks_give_the_same_store(ray_local, model, refe
     assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
 
 
+def test_ray_job_at_non_integer_levels_stores_the_whole_level_answer(ray_local, non_integer_slide, tmp_path):
+    """Levels 1 and 2 of the built slide (downsamples 2.0019 and 4.0047) in one Ray run: each store holds
+    the argmax of one forward pass over the whole level (read by OpenSlide from its origin)."""
+    from test_exactness import assert_labels_are_the_argmax
+    from test_pyramid import whole_level_by_openslide
+
+    from pipeline.predict import whole_image_logits
+
+    wholes = {level: whole_level_by_openslide(non_integer_slide, level) for level in (1, 2)}
+    model = varied_unet(SEED, calibrate=wholes[1])
+    plans = [plan_slide(non_integer_slide, tmp_path / f"l{level}.zarr", model, tile_size=128, level=level)
+             for level in wholes]  # fmt: skip
+    results = segment_slides_ray(plans, model, RayOptions(actors=1, batch_size=4, progress=False))
+    assert [r.status for r in results] == ["complete"] * 2 and [r.level for r in results] == [1, 2]
+    for level, whole in wholes.items():
+        labels = zarr.open_array(f"{tmp_path}/l{level}.zarr/labels/segmentation/0", mode="r")[...]
+        assert_labels_are_the_argmax(labels, whole_image_logits(model, whole))
+
+
 def test_several_slides_share_one_pool(ray_local, model, references, tmp_path):
     plans = [
         plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256),

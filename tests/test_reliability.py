@@ -197,3 +197,21 @@ def test_absurd_upsampling_is_refused_not_attempted():
     with pytest.raises(SlideError, match=r"boxes-generic.tiff: its finest level is 352.8 µm/px, 706x coarser.*--level 0"):
         open_for_segmentation(slide, target_mpp=0.5)
     assert open_for_segmentation(slide, level=0).size == (250, 300)
+
+
+@pytest.mark.parametrize("level, resumable", [(0, True), (2, False)])
+def test_a_store_from_before_native_reads_resumes_only_where_its_reads_were_exact(tmp_path, level, resumable):
+    """Stores written before provenance recorded ``pixels`` read levels through OpenSlide regions: exact at
+    level 0, shifted per tile at boxes-generic's level 2 (downsample 4.016); only the first may be finished."""
+    import zarr
+
+    slide, store = shared_file("slides/boxes-generic.tiff"), tmp_path / "old.zarr"
+    plan = plan_slide(slide, store, varied_unet(), tile_size=32, level=level)
+    root = zarr.open_group(str(store), mode="r+")
+    old = {k: v for k, v in root.attrs["wsi_unet"].items() if k != "pixels"}
+    root.attrs["wsi_unet"] = old
+    if resumable:
+        assert plan_slide(slide, store, varied_unet(), tile_size=32, level=level, resume=True).tiles == plan.tiles
+    else:
+        with pytest.raises(OutputExistsError, match=r"old.zarr: cannot resume.*level 2 with a sub-pixel shift.*--overwrite"):
+            plan_slide(slide, store, varied_unet(), tile_size=32, level=level, resume=True)

@@ -3,7 +3,7 @@
 A :class:`PatchDataset` draws ``samples_per_epoch`` patches per epoch from its sources:
 
 * :class:`ImagePatchSource`: an image/label pair in memory (a folder data set), sampled uniformly;
-* :class:`SlidePatchSource`: a whole slide (any format ``pipeline.slide.open_slide`` reads) with a label
+* :class:`SlidePatchSource`: a whole slide (any format ``pipeline.pyramid.open_slide`` reads) with a label
   mask (Zarr or image, same size as the slide level), sampled around tissue (``pipeline.tissue``).
 
 Every window is read with ``pipeline.slide.read_window`` (numpy "symmetric" mirroring, as inference does),
@@ -164,7 +164,7 @@ class SlidePatchSource:
     """
 
     def __init__(self, slide: Any, label: Any, level: int = 0, thumbnail_side: int = 1024, tissue: bool = True):
-        from pipeline.slide import open_slide
+        from pipeline.pyramid import open_slide
 
         self.image = open_slide(slide, level)
         self.label = open_label_mask(label)

@@ -156,13 +156,13 @@ def mpp_for(name: str, image_mpp: dict[str, float] | None, default: float | None
 def resample_record(record: ImageRecord, target_mpp: float | None) -> ImageRecord:
     """``record`` rescaled to ``target_mpp`` (no-op if either µm/px is unknown or they agree within 5 %).
 
-    The image is resampled exactly as inference resamples a slide (pipeline.resolution.ResampledSource:
-    bilinear at pixel centres), the label with nearest neighbour at the same pixel centres.
+    The image is resampled exactly as inference resamples a slide (pipeline.slide.ResampledSource:
+    bilinear at pixel centres up to 2x, a triangle filter beyond), the label with nearest neighbour at the
+    same pixel centres.
     """
     if target_mpp is None or record.mpp is None or abs(target_mpp / record.mpp - 1) <= 0.05:
         return record
-    from pipeline.resolution import ResampledSource
-    from pipeline.slide import ArraySource
+    from pipeline.slide import ArraySource, ResampledSource
 
     factor = target_mpp / record.mpp
     source = ResampledSource(ArraySource(record.image, record.name, mpp=record.mpp), factor)
