@@ -257,19 +257,21 @@ def open_file(path: Path) -> SlidePyramid:
         raise SlideError(f"{path}: a folder that is not a Zarr store; name the slide file itself (for DICOM, one of its .dcm files)")
     if path.stat().st_size == 0:
         raise SlideError(f"{path}: the file is empty (0 bytes); the copy or download was interrupted: copy it again")
-    head = path.read_bytes()[:4] if path.is_file() else b""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # detect_format raises on unreadable files in some versions
+        vendor = None
     layout, tiff_error = None, None
     if head in TIFF_MAGIC:
         try:
             layout = inspect_tiff(path)
         except SlideError:
-            raise
+            if vendor is None or vendor in TIFF_VENDORS:  # what tifffile sees is the slide: refuse it
+                raise
         except Exception as error:
             tiff_error = f"{type(error).__name__}: {error}"
-    try:
-        vendor = openslide.OpenSlide.detect_format(str(path))
-    except Exception:  # detect_format raises on unreadable files in some versions
-        vendor = None
     openslide_error = None
     if vendor is not None:
         try:
