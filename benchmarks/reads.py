@@ -56,7 +56,7 @@ def read_all(reader: str, path: str, level: int, origins: list[tuple[int, int, i
     import openslide
     import tifffile
 
-    from pipeline.slide import ArraySource, composite_on_white, read_window
+    from pipeline.slide import ArraySource, SlideSource, composite_on_white, read_window
 
     handle = openslide.OpenSlide(path)
     downsample = handle.level_downsamples[level]
@@ -66,11 +66,13 @@ def read_all(reader: str, path: str, level: int, origins: list[tuple[int, int, i
             rgba = handle.read_region((round(x0 * downsample), round(y0 * downsample)), level, (x1 - x0, y1 - y0))
             return composite_on_white(np.asarray(rgba))
 
-        class Before(ArraySource):  # only its mirroring: reads go through OpenSlide as before
+        class Before(SlideSource):  # the old reader: OpenSlide regions, mirrored by the same read_window
+            shape = (height, width, 3)
+
             def _read(self, y0, y1, x0, x1):
                 return region(y0, y1, x0, x1)
 
-        source = Before(np.zeros((height, width, 3), np.uint8))
+        source = Before()
     elif reader.startswith("native"):
         from pipeline.pyramid import open_slide
 

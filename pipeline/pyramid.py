@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.slide import ArraySource, ResampledSource, SlideError, SlideSource, composite_on_white, downscale, fit_within
+from pipeline.tiff_reader import level_reader, open_tiff
 
 logger = logging.getLogger(__name__)
 
@@ -175,13 +176,9 @@ class TiffReader:
     associated_series: tuple[tuple[str, int], ...] = ()
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        from pipeline.tiff_reader import level_reader
-
         return level_reader(self.path, self.series, level).read(y0, y1, x0, x1)
 
     def associated_image(self, name: str) -> np.ndarray:
-        from pipeline.tiff_reader import open_tiff
-
         image = open_tiff(self.path).series[dict(self.associated_series)[name]].asarray()
         image = image[..., None] if image.ndim == 2 else image
         return composite_on_white(image) if image.shape[2] == 4 else image

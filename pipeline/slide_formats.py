@@ -19,6 +19,7 @@ from pipeline.pyramid import (
     TIFF_VENDORS, OpenSlideReader, PyramidLevel, SlidePyramid, TiffReader, ZarrReader, openslide_handle,
 )  # fmt: skip
 from pipeline.slide import SlideError, to_uint8_advice
+from pipeline.tiff_reader import open_tiff
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ class TiffLayout:
 
 def inspect_tiff(path: Path) -> TiffLayout:
     """The layout of a TIFF's first image series; SlideError for what the pipeline cannot segment."""
-    from pipeline.tiff_reader import open_tiff
-
     tif = open_tiff(str(path))
     series = tif.series[0]
     axes, shape = series.get_axes(True), series.get_shape(True)
