@@ -276,7 +276,7 @@ def test_ray_train_two_workers_learns_checkpoints_resumes_and_exports(ray_local,
     assert {"val_pixel_error", "val_dice", "val_rand_error"} <= set(rows[-1])
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert checkpoints and (checkpoints[-1] / "state.pt").is_file() and (checkpoints[-1] / "model.pt").is_file()
-    assert torch.load(checkpoints[-1] / "state.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(checkpoints[-1] / "state.pt", weights_only=True)["epoch"] == 2
 
     # same name and storage path: resumes after epoch 2 instead of starting again
     result = fit(TrainConfig(**settings, epochs=4), "tiny", storage, num_workers=2, export=tmp_path / "exported.pt")

@@ -78,10 +78,26 @@ def _load_state(cfg: TrainConfig) -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+            return read_state(Path(directory) / STATE_FILE)
     if cfg.local_mode and cfg.run_dir and (Path(cfg.run_dir) / LOCAL_CHECKPOINT / STATE_FILE).is_file():
-        return torch.load(Path(cfg.run_dir) / LOCAL_CHECKPOINT / STATE_FILE, map_location="cpu", weights_only=False)
+        return read_state(Path(cfg.run_dir) / LOCAL_CHECKPOINT / STATE_FILE)
     return None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state, which holds only tensors, numbers, strings and containers of them: loaded with
+    ``weights_only=True`` so that a tampered file on shared storage cannot run code on every worker."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for anything but plain data; RuntimeError, EOFError, ...
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise ValueError(
+            f"{path}: refusing this training checkpoint ({type(error).__name__}: {reason}); it holds something other "
+            "than tensors and numbers or is damaged: delete it, or train under a new run name, to start afresh"
+        ) from None
+    if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("model"), dict)):
+        raise ValueError(f"{path}: not a training checkpoint of this software (no model or epoch); delete it")
+    return state
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
