@@ -14,6 +14,7 @@ Sections (``--sections``, default all):
               torch.compile, CUDA graphs, end to end; on a machine without CUDA only the FLOP count runs
   reads       input windows per second at level 0 and at a non-integer level 1: OpenSlide regions (the reader
               before native reads) vs the native TIFF reader (1 and default decode threads) vs tifffile via zarr
+  durability  cost of the fsyncs per tile written, per store created and per finalize (same writes, fsync on/off)
 
 Slides and models are generated once into --workdir (keep it between runs); results go to
 benchmarks/results/bench-<time>.json unless --json is given.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads")
+SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability")
 TITLES = {
     "efficiency": "(a) Pipeline efficiency: end-to-end ÷ bare forward",
     "peer": "(b) Peer comparison: MONAI sliding_window_inference, same model, same image",
@@ -37,6 +38,7 @@ TITLES = {
     "tissue": "(d) Tissue skipping on a ~30 % tissue slide",
     "gpu": "(e) GPU: paper U-Net in bf16",
     "reads": "(f) Slide reads: OpenSlide regions (before) vs native tiles (after)",
+    "durability": "(g) Durability: the cost of fsync per tile, store creation and finalize",
 }
 
 
@@ -111,6 +113,10 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
 
         return reads.run(workdir, side=args.slide_size, tile_size=args.tile_size, halo=model.halo,
                          limit=args.read_windows)  # fmt: skip
+    if name == "durability":
+        from benchmarks import durability
+
+        return durability.run(workdir, side=min(args.slide_size, 4096), tile_size=args.tile_size)
     from benchmarks import gpu
 
     return gpu.run(workdir, tiles=args.gpu_tiles, batches=args.gpu_batches, peak_tflops=args.peak_tflops,

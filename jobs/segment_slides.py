@@ -7,8 +7,8 @@
 
 Each slide gives DIR/<slide stem>.zarr; a per-slide table is printed and DIR/run-report.json written.
 A slide that cannot be found, opened, read or written is reported on one line and the others still run;
-the exit status is 1 if any slide failed (2 for usage errors). Rerunning the same command resumes where
-it stopped. The logic lives in ``pipeline``.
+the exit status is 1 if any slide failed or the run report could not be written (2 for usage errors).
+Rerunning the same command resumes where it stopped. The logic lives in ``pipeline``.
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="segment every tile (default: detect tissue and skip empty background tiles)")
     mask.add_argument("--tissue-mask", metavar="IMAGE", default=None,
                       help="use this boolean tissue mask image instead of detecting tissue (for a single slide)")
+    add("--max-gigapixels", type=float, default=None, metavar="G",
+        help="refuse slides larger than G gigapixels at the level to segment (default: $WSI_MAX_GIGAPIXELS or 64; "
+        "the largest real slides are about 20)")
+    add("--max-tiles", type=int, default=None, metavar="N",
+        help="refuse slides cut into more than N tiles (default: $WSI_MAX_TILES or 1,000,000)")
     add("--no-progress", action="store_true", help="no per-slide progress bars")
     add("--no-preview", action="store_true", help="no DIR/<slide stem>.png preview (thumbnail with the mask)")
     # fmt: on
@@ -109,12 +114,18 @@ def options_from(args: argparse.Namespace, model: Any):
     from pipeline.batch import BatchConfig
     from pipeline.geometry import check_tile_size
     from pipeline.ray_runner import RayOptions
+    from pipeline.slide import SlideLimits
 
     check_tile_size(args.tile_size, model.alignment)
+    caps = {"max_gigapixels": args.max_gigapixels, "max_tiles": args.max_tiles}
+    limits = SlideLimits(**{name: value for name, value in caps.items() if value is not None})
+    if limits.max_gigapixels <= 0 or limits.max_tiles <= 0:
+        raise ValueError(f"--max-gigapixels and --max-tiles must be positive, got {limits.max_gigapixels:g} and "
+                         f"{limits.max_tiles}")  # fmt: skip
     config = BatchConfig(
         tile_size=args.tile_size, level=args.level, target_mpp=args.mpp, probabilities=args.probabilities,
         overwrite=args.overwrite, tissue_mask=tissue_mask_option(args),
-        previews=not args.no_preview,
+        previews=not args.no_preview, limits=limits,
     )  # fmt: skip
     options = RayOptions(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
@@ -162,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(slide {demo.slide}, model {model_path.name})")  # fmt: skip
     if run.failed:
         print(f"{len(run.failed)} of {len(run.results)} slides failed", file=sys.stderr)
-    return 1 if run.failed else 0
+    if run.report is None:
+        print("error: the run report could not be written (see above); the outputs' own status is still exact",
+              file=sys.stderr)  # fmt: skip
+    return 1 if run.failed or run.report is None else 0
 
 
 if __name__ == "__main__":

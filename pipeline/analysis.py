@@ -298,7 +298,7 @@ def min_object_pixels(store: StoreInfo, options: AnalysisOptions) -> int:
 # --------------------------------------------------------------------------- outputs
 def write_csv(summaries: Sequence[SlideSummary], path: str | Path) -> Path:
     """One row per slide; columns are the union over slides (stores with other classes leave cells empty)."""
-    rows = [s.row() for s in summaries]
+    rows = [{_csv_text(k): v for k, v in s.row().items()} for s in summaries]  # class names come from the model file
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
@@ -315,7 +315,13 @@ def write_csv(summaries: Sequence[SlideSummary], path: str | Path) -> Path:
 def _csv_value(value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
+    return f"{value:.6g}" if isinstance(value, float) else _csv_text(value) if isinstance(value, str) else value
+
+
+def _csv_text(text: str) -> str:
+    """Text a spreadsheet would run as a formula (``=cmd|...``, ``+``, ``-``, ``@``, tab, CR) gets a leading quote
+    (OWASP's CSV-injection rule); slide names and class names come from files the user may not control."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def format_table(summaries: Sequence[SlideSummary]) -> str:

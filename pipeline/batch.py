@@ -13,16 +13,18 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.durability import durable_mkdir
 from pipeline.engine import SegmentResult, SlidePlan, plan_slide
 from pipeline.locking import StoreLock, StoreLockedError
 from pipeline.ray_runner import RayOptions, one_line, segment_slides_ray
 from pipeline.ray_setup import init_ray
 from pipeline.report import expand_slide_inputs, failed_result, output_path_for, write_run_report
 from pipeline.results import write_preview
+from pipeline.slide import SlideLimits
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +44,7 @@ class BatchConfig:
     resume: bool = True
     tissue_mask: Any = True
     previews: bool = True
+    limits: SlideLimits = field(default_factory=SlideLimits)
 
 
 @dataclass
@@ -85,7 +88,9 @@ def plan_batch(
                 slide, output, model, tile_size=config.tile_size, level=config.level, target_mpp=target_mpp,
                 require_mpp=config.target_mpp is not None, probabilities=config.probabilities,
                 overwrite=config.overwrite, resume=config.resume, tissue_mask=config.tissue_mask,
+                replace_other_slides=False, limits=config.limits,
             ))  # fmt: skip
+            entries[-1].store.lock_token = lock.token  # its writers stop if another job takes the lock over
             locks.callback(lock.release)
         except Exception as error:  # missing, unopenable, output exists, wrong level or channels, ...
             lock.release()
@@ -118,7 +123,7 @@ def segment_batch(
     entries: list[SlidePlan | SegmentResult] = [failed_result(item, "-", reason, 0) for item, reason in problems]
     with contextlib.ExitStack() as locks:
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            durable_mkdir(out_dir)
             entries += plan_batch(slides, out_dir, model, config, locks)
         except OSError as error:  # the output folder cannot be created: every slide fails, nothing is written
             entries += [failed_result(s, output_path_for(s, out_dir), f"output folder {out_dir}: {one_line(error)}")

@@ -21,7 +21,7 @@ from pipeline.geometry import Tile, TileGrid, tile_grid_for_model
 from pipeline.predict import TilePredictor
 from pipeline.resolution import open_for_segmentation
 from pipeline.pyramid import open_slide
-from pipeline.slide import SlideSource
+from pipeline.slide import SlideLimits, SlideSource
 from pipeline.locking import StoreLock
 from pipeline.store import (
     TILE_DONE, TILE_PENDING, TILE_SKIPPED, OutputStore, create_output_store, open_existing_store,
@@ -160,6 +160,8 @@ def plan_slide(
     overwrite: bool = False,
     resume: bool = False,
     tissue_mask: Any = None,
+    replace_other_slides: bool = True,
+    limits: SlideLimits | None = None,
 ) -> SlidePlan:
     """Open the slide, lay out the tiles and create (or reopen, with ``resume``) the output store.
 
@@ -174,10 +176,12 @@ def plan_slide(
         )
     chunk = chunk or tile_size
     grid = tile_grid_for_model(model, slide.size, tile_size, chunk)
+    (limits or SlideLimits()).check(slide.path or slide.name, slide.size, len(grid))  # before any per-tile work
     from pipeline.tissue_tiles import describe_tissue_option, slide_tissue_mask, split_tissue_tiles
 
     meta = provenance(slide, grid, model, chunk, probabilities, describe_tissue_option(tissue_mask))
-    store = open_existing_store(out_path, grid, meta, overwrite=overwrite, resume=resume)
+    store = open_existing_store(out_path, grid, meta, overwrite=overwrite, resume=resume,
+                                replace_other_slides=replace_other_slides)  # fmt: skip
     if store is None:
         mask, skipped = None, []
         if tissue_mask is not None:  # before the store exists: a failed read leaves nothing behind
@@ -235,11 +239,12 @@ def segment_slide(
     """
     started = time.perf_counter()
     model = resolve_model(model)
-    with StoreLock(out_path):
+    with StoreLock(out_path) as lock:
         plan = plan_slide(
             source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
         )  # fmt: skip
+        plan.store.lock_token = lock.token
         busy = run_tiles(
             plan, model, batch_size, device=device, amp=amp, probabilities=probabilities, progress=progress
         )

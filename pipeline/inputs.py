@@ -36,31 +36,38 @@ def expand_inputs(
     excluded = Path(exclude).resolve() if exclude is not None else None
     seen: set[Path] = set()
     in_folder = kind.in_folder or kind.is_item
-
-    def add(path: Path) -> None:
-        resolved = path.resolve()
-        if excluded is not None and (resolved == excluded or excluded in resolved.parents):
-            return
-        if resolved not in seen:
-            seen.add(resolved)
-            found.append(path)
-
     for item in inputs:
-        path = Path(item)
-        if path.exists() and (not path.is_dir() or kind.is_item(path)):
-            add(path)
-        elif path.is_dir():
-            entries = sorted(p for p in path.iterdir() if in_folder(p) and not p.name.startswith("."))
-            if not entries:
-                problems.append((item, f"{item}: directory holds no {kind.plural}{kind.folder_hint}"))
-            for entry in entries:
-                add(entry)
-        elif glob.has_magic(item):
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if kind.is_item(Path(m)))
-            if not matches:
-                problems.append((item, f"{item}: no {kind.plural} match this pattern"))
-            for match in matches:
-                add(match)
-        else:
-            problems.append((item, f"{item}: {kind.missing}; check the path"))
+        named = _expand_one(item, kind, in_folder, problems)
+        kept = [path for path in named if excluded is None or not _inside(path.resolve(), excluded)]
+        if named and not kept:  # all it names is output: the output folder was given as input
+            problems.append((item, f"{item}: inside the output folder {exclude} (outputs are never inputs); "
+                                   f"put the {kind.plural} and the outputs in different folders"))  # fmt: skip
+        for path in kept:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.append(path)
     return found, problems
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _expand_one(item: str, kind: InputKind, in_folder: Callable[[Path], bool],
+                problems: list[tuple[str, str]]) -> list[Path]:  # fmt: skip
+    """What one input names (a file, a folder's entries, a glob's matches); records why if it names none."""
+    path = Path(item)
+    if path.exists() and (not path.is_dir() or kind.is_item(path)):
+        return [path]
+    if path.is_dir():
+        entries = sorted(p for p in path.iterdir() if in_folder(p) and not p.name.startswith("."))
+        if not entries:
+            problems.append((item, f"{item}: directory holds no {kind.plural}{kind.folder_hint}"))
+        return entries
+    if glob.has_magic(item):
+        matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if kind.is_item(Path(m)))
+        if not matches:
+            problems.append((item, f"{item}: no {kind.plural} match this pattern"))
+        return matches
+    problems.append((item, f"{item}: {kind.missing}; check the path"))
+    return []

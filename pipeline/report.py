@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pipeline.durability import durable_mkdir, durable_replace
 from pipeline.engine import SegmentResult
 from pipeline.inputs import InputKind, expand_inputs
 
@@ -117,12 +119,20 @@ def build_run_report(
 def write_run_report(
     out_dir: str | Path, results: Sequence[SegmentResult], settings: dict[str, Any], started: float, finished: float
 ) -> Path:
-    """Write ``<out_dir>/run-report.json`` atomically and return its path."""
-    path = Path(out_dir) / REPORT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(build_run_report(results, settings, started, finished), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write ``<out_dir>/run-report.json`` atomically and durably and return its path.
+
+    The temp file's name is this job's own (pid and a random part): two jobs writing reports into one folder
+    never write into each other's temp file; the last to finish leaves its report."""
+    path = durable_mkdir(out_dir) / REPORT_NAME
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(build_run_report(results, settings, started, finished), indent=2, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

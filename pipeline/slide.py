@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,40 @@ logger = logging.getLogger(__name__)
 
 class SlideError(ValueError):
     """A slide that cannot be opened or read; the message names the file and what to do."""
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name) or ""
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not a number; unset it or give a number") from None
+
+
+@dataclass(frozen=True)
+class SlideLimits:
+    """Caps that stop one absurd or hostile slide (a 140-byte file can claim 10^6 x 10^6 px) before it costs
+    memory: checked after opening, before the thumbnail, the tile list or the store. The largest real slides
+    are about 20 gigapixels (200k x 100k px at 0.25 µm/px); the defaults leave 3x room. Raise them with
+    ``--max-gigapixels`` / ``--max-tiles`` or ``WSI_MAX_GIGAPIXELS`` / ``WSI_MAX_TILES``."""
+
+    max_gigapixels: float = field(default_factory=lambda: _env_number("WSI_MAX_GIGAPIXELS", 64))
+    max_tiles: int = field(default_factory=lambda: int(_env_number("WSI_MAX_TILES", 1_000_000)))
+
+    def check(self, name: str, size: tuple[int, int], tiles: int) -> None:
+        """SlideError when a slide of ``size`` (h, w) at the segmented level, cut into ``tiles``, exceeds a cap."""
+        gigapixels = size[0] * size[1] / 1e9
+        if gigapixels > self.max_gigapixels:
+            raise SlideError(
+                f"{name}: {size[1]}x{size[0]} px ({gigapixels:,.0f} gigapixels) at the level to segment, more than the "
+                f"{self.max_gigapixels:g} allowed; if the slide is real, raise --max-gigapixels, else the file's "
+                "header is wrong or hostile"
+            )
+        if tiles > self.max_tiles:
+            raise SlideError(
+                f"{name}: {tiles:,} tiles at this level and tile size, more than the {self.max_tiles:,} allowed; "
+                "use a larger --tile-size or a coarser --level/--mpp, or raise --max-tiles"
+            )
 
 
 class SlideSource:

@@ -19,7 +19,7 @@ from pipeline.pyramid import (
     TIFF_VENDORS, OpenSlideReader, PyramidLevel, SlidePyramid, TiffReader, ZarrReader, openslide_handle,
 )  # fmt: skip
 from pipeline.slide import SlideError, to_uint8_advice
-from pipeline.tiff_reader import open_tiff
+from pipeline.tiff_reader import MAX_SEGMENT_BYTES, open_tiff
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,27 @@ def inspect_tiff(path: Path) -> TiffLayout:
             "image first and save it as a tiled pyramidal TIFF"
         )
     shapes = tuple((lv.get_shape(True)[axes.index("Y")], lv.get_shape(True)[axes.index("X")]) for lv in series.levels)
+    for index, level in enumerate(series.levels):
+        page = level.keyframe
+        strip = (min(page.rowsperstrip, page.imagelength), page.imagewidth)
+        segment = (page.tilelength, page.tilewidth) if page.is_tiled else strip
+        _check_segment(path, index, segment, samples, "tiles" if page.is_tiled else "strips")
     end = max(int(np.max(np.add(page.dataoffsets, page.databytecounts))) for lv in series.levels for page in lv.pages if page is not None)
     if end > path.stat().st_size:
         raise ValueError(f"its tiles end at byte {end}, the file has {path.stat().st_size}: truncated")
     others = tuple((s.name.lower(), i) for i, s in enumerate(tif.series) if i and s.name)
     return TiffLayout(0, shapes, 3 if samples == 4 else samples, _tiff_mpp(tif), "ome-tiff" if tif.is_ome else "tiff", others)
+
+
+def _check_segment(path: Path, level: int, segment: tuple[int, int], samples: int, kind: str) -> None:
+    """Refuse a level stored in pieces so large that every tile window would decode one whole (bounded memory)."""
+    size = segment[0] * segment[1] * samples
+    if size > MAX_SEGMENT_BYTES:
+        raise SlideError(
+            f"{path}: level {level} is stored in {kind} of {segment[1]}x{segment[0]} px ({size / 2**20:,.0f} MiB "
+            f"each once decoded, more than the {MAX_SEGMENT_BYTES >> 20} MiB allowed, WSI_MAX_SEGMENT_MB): every "
+            f"tile would decode a whole one; {CONVERT}"
+        )
 
 
 def _tiff_mpp(tif) -> float | None:
@@ -230,6 +246,9 @@ def open_zarr(path: Path) -> SlidePyramid:
     shapes = [tuple(int(n) for n in a.shape[:2]) for a in arrays]
     levels = tuple(PyramidLevel(s, mean_downsample(shapes[0], s) if i else 1.0) for i, s in enumerate(shapes))
     channels = int(first.shape[2]) if first.ndim == 3 else 1
+    for index, array in enumerate(arrays):
+        chunk = array.chunks  # the inner chunk of a sharded array: what one read decodes
+        _check_segment(path, index, tuple(int(n) for n in chunk[:2]), int(np.prod(chunk[2:], dtype=np.int64)), "chunks")
     return SlidePyramid(path.name, str(path), "zarr", levels, channels, mpp, ZarrReader(str(path), keys), "zarr")
 
 

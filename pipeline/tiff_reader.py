@@ -30,6 +30,9 @@ TILE_CACHE_BYTES = int(os.environ.get("WSI_TILE_CACHE_MB", "64")) << 20  # per p
 # CPU actor's reader), and on this project's 2-core machine 2 threads were no faster per window, 1-11 %
 # slower (benchmarks/reads.py, README "Performance" (f)); worth trying for in-process runs on idle cores.
 DECODE_THREADS = max(1, int(os.environ.get("WSI_DECODE_THREADS", "1")))
+# A strip or tile is decoded whole for every window that touches it: one bigger than this (a whole 20,000^2 image in
+# one zlib strip is 1.2 GB) would cost that much memory and time per tile. Slides with larger ones are refused.
+MAX_SEGMENT_BYTES = int(os.environ.get("WSI_MAX_SEGMENT_MB", "256")) << 20
 MISSING_TILE_VALUE = 255  # white: glass, as OpenSlide composites a missing (transparent) tile
 
 

@@ -22,7 +22,7 @@ from conftest import varied_unet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import common, efficiency, gpu, peer, reads, slides  # noqa: E402
+from benchmarks import common, durability, efficiency, gpu, peer, reads, slides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +151,14 @@ def test_reads_section_times_every_reader_and_sees_the_old_one_is_not_exact(tmp_
     exact = {(row[0], row[2]): row[8] for row in section["rows"]}
     assert exact[(1, reads.READERS[0])] == "no" and exact[(1, reads.READERS[1])] == "yes"
     assert all(row[4] > 0 for row in section["rows"])
+    common.markdown_table(section["columns"], section["rows"])
+
+
+def test_durability_section_counts_the_fsyncs_it_times(tmp_path):
+    """The job's writes sync files and folders (the no-op pass makes the same calls, which do nothing)."""
+    section = durability.run(tmp_path, side=512, tile_size=128, repeats=1)
+    rows = {(row[0], row[1]): row for row in section["rows"]}
+    assert rows[("write tile", "on (the job)")][4] >= 4  # the chunk and its folder, then the state and its folder
+    assert rows[("write tile", "off (no-op)")][4] == rows[("write tile", "on (the job)")][4]
+    assert rows[("create store", "on (the job)")][4] > 5 and rows[("finalize", "on (the job)")][4] > 1
     common.markdown_table(section["columns"], section["rows"])

@@ -275,7 +275,8 @@ def test_report_helpers(tmp_path):
         exclude=out,
     )  # fmt: skip
     assert [p.name for p in slides] == ["a.svs", "b.tiff", "c.zarr"]  # no duplicates, nothing from the output
-    assert len(problems) == 2 and "no such slide" in problems[0][1] and "no slides match" in problems[1][1]
+    assert [reason.split(": ", 1)[1][:24] for _, reason in problems] == [
+        "no such slide file or di", "inside the output folder", "no slides match this pat"]  # outputs named as input: said
     assert output_path_for("x/y/slide-1.svs", "o") == Path("o/slide-1.zarr")
     failed = failed_result("x.svs", "-", "x.svs: no such\nfile")
     assert failed.status == "failed: x.svs: no such file"

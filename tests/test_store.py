@@ -54,7 +54,7 @@ def test_result_says_how_much_of_the_run_the_model_was_busy(tmp_path):
 
 @pytest.mark.parametrize("compressors", ["auto", None])
 def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, compressors):
-    from pipeline.store import read_tile_states
+    from pipeline.tile_state import read_tile_states
 
     expected = np.random.default_rng(0).integers(0, 3, (13, 17)).astype(np.uint8)  # 0 = pending: no chunk file
     array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
@@ -68,7 +68,7 @@ def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, com
 
 @pytest.mark.parametrize("compressors", ["auto", None])
 def test_states_written_as_copied_chunk_files_read_back_through_zarr(tmp_path, compressors):
-    from pipeline.store import _write_states, read_tile_states
+    from pipeline.tile_state import read_tile_states, write_new_states as _write_states
 
     expected = np.random.default_rng(1).integers(0, 3, (13, 17)).astype(np.uint8)
     array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
