@@ -23,7 +23,7 @@ COLUMNS = ["step", "fsync", "count", "ms each", "syncs each", "overhead ms each"
 def counted_fsync(enabled: bool):
     """Count the syncs (fsync, and syncfs of a big tree); with ``enabled`` False they do nothing (the cost
     without durability)."""
-    from pipeline import durability
+    from pipeline.store import durability
 
     real_fsync, real_syncfs, calls = os.fsync, durability.sync_filesystem, [0]
 
@@ -45,7 +45,7 @@ def counted_fsync(enabled: bool):
 
 
 def _one_pass(workdir: Path, enabled: bool, side: int, tile_size: int, probabilities: bool) -> dict[str, tuple]:
-    from pipeline.engine import plan_slide
+    from pipeline.inference.engine import plan_slide
     from unet import UNet, UNetConfig
 
     model = UNet(UNetConfig(base_channels=4, depth=2, num_classes=3))

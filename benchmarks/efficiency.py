@@ -1,12 +1,12 @@
 """(a) Pipeline efficiency: end-to-end output Mpx/s of the job's code path ÷ the bare model forward.
 
-End to end is :func:`pipeline.batch.segment_batch`, what ``jobs/segment_slides.py`` runs: plan (open the
+End to end is :func:`pipeline.inference.batch.segment_batch`, what ``jobs/segment_slides.py`` runs: plan (open the
 slide, grid, store), the Ray Data stream (read windows -> model actors -> write Zarr chunks), the viewer
 pyramid, the preview PNG and the run report, timed around the call on an already started local Ray (as on
 a cluster, where Ray is up before the job). Every tile runs (no tissue mask), so the output pixels are the
 tiles' pixels.
 
-The bare forward is :class:`pipeline.predict.TilePredictor` (the fused uint8 -> normalise -> forward ->
+The bare forward is :class:`pipeline.inference.predict.TilePredictor` (the fused uint8 -> normalise -> forward ->
 argmax -> crop step the actors run) on windows read from the same slide beforehand, with the same tile
 shape, batch size, device and torch thread count as one actor, measured just before and just after the
 pipeline run (their mean is the denominator; both are reported so drift shows). Like the actor it runs in
@@ -34,9 +34,9 @@ COLUMNS = ["config", "actor threads", "Ray CPUs", "tiles", "end-to-end s", "end-
 
 def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, batch_size: int, batches: int = 4):
     """``batches`` batches of real input windows, read from the middle rows of the slide (tissue and glass)."""
-    from pipeline.engine import read_windows
-    from pipeline.geometry import tile_grid_for_model
-    from pipeline.pyramid import open_slide
+    from pipeline.inference.tile_batches import read_windows
+    from pipeline.slides.geometry import tile_grid_for_model
+    from pipeline.slides.pyramid import open_slide
 
     slide = open_slide(slide_path)
     grid = tile_grid_for_model(model, slide.size, tile_size)
@@ -49,7 +49,7 @@ def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, b
 def bare_forward(model, grid, windows: list[np.ndarray], threads: int, seconds: float, device: str = "cpu",
                  amp: str | None = None, compile: bool | str = False) -> dict[str, Any]:  # fmt: skip
     """Mpx/s of TilePredictor on pre-read windows (cycled), with ``threads`` torch threads on CPU."""
-    from pipeline.predict import TilePredictor
+    from pipeline.inference.predict import TilePredictor
 
     saved = torch.get_num_threads()
     if device == "cpu":
@@ -102,7 +102,7 @@ def worker_niceness() -> int:
 def pipeline_run(slide: Path, model, out_dir: Path, options, tile_size: int, tissue_mask: Any = None,
                  previews: bool = True) -> dict:  # fmt: skip
     """segment_batch on one slide (Ray already started): wall seconds, tiles, output Mpx/s, peak memory."""
-    from pipeline.batch import BatchConfig, segment_batch
+    from pipeline.inference.batch import BatchConfig, segment_batch
 
     shutil.rmtree(out_dir, ignore_errors=True)
     config = BatchConfig(tile_size=tile_size, tissue_mask=tissue_mask, overwrite=True, previews=previews)
@@ -130,7 +130,7 @@ def start_ray(num_cpus: int | None) -> None:
     import ray
 
     from benchmarks.common import REPO
-    from pipeline.ray_setup import init_ray
+    from pipeline.inference.ray_setup import init_ray
 
     if ray.is_initialized():
         if ray.cluster_resources().get("CPU") == (num_cpus or os.cpu_count()):
@@ -189,7 +189,7 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
 
     import ray
 
-    from pipeline.ray_runner import RayOptions
+    from pipeline.inference.ray_runner import RayOptions
 
     records = []
     try:

@@ -63,7 +63,7 @@ def model_rate(model, tile: int, batch: int, seconds: float, *, channels_last: b
                compile: bool | str = False, device: str = "cuda") -> float:  # fmt: skip
     """Output Mpx/s of TilePredictor's fused step on device-resident uint8 windows (no host transfers)."""
     from benchmarks.common import timed_rate
-    from pipeline.predict import TilePredictor
+    from pipeline.inference.predict import TilePredictor
 
     out = model.valid_output_size(tile)
     size = model.input_size_for(out)
@@ -124,7 +124,7 @@ def end_to_end(model, workdir: Path, slide_gpx: float, mosaic_base: int, tile: i
                compile: bool) -> dict[str, Any]:  # fmt: skip
     from benchmarks.efficiency import measure
     from benchmarks.slides import slide_of_size
-    from pipeline.ray_runner import RayOptions
+    from pipeline.inference.ray_runner import RayOptions
 
     slide = slide_of_size(workdir, slide_gpx, mosaic_base)
     cpus = os.cpu_count() or 1

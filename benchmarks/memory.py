@@ -66,7 +66,7 @@ def run(workdir: Path, sizes_gpx: list[float], *, model_kind: str, mosaic_base: 
         "notes": [
             f"model: {Path(model).name} ({model_kind}); tile {tile_size}, batch {batch_size}, tissue mask on, 1 actor; "
             "PSS splits shared pages (Ray's object store, libraries) between processes, RSS counts them in each. "
-            "'made as': rendered by pipeline.synthetic, or a mosaic of a rendered slide's JPEG tiles "
+            "'made as': rendered by pipeline.demo.synthetic, or a mosaic of a rendered slide's JPEG tiles "
             "(benchmarks/slides.py).",
         ],
     }  # fmt: skip

@@ -45,7 +45,7 @@ def symmetric_pad(x, pad: int):
     """(N, C, H, W) tensor padded by ``pad`` on each side like np.pad(mode="symmetric") (edge repeated)."""
     import torch
 
-    from pipeline.geometry import symmetric_index
+    from pipeline.slides.geometry import symmetric_index
 
     rows = torch.from_numpy(symmetric_index(np.arange(-pad, x.shape[-2] + pad), x.shape[-2])).to(x.device)
     cols = torch.from_numpy(symmetric_index(np.arange(-pad, x.shape[-1] + pad), x.shape[-1])).to(x.device)
@@ -74,7 +74,7 @@ def prepare() -> None:
     import monai.inferers  # noqa: F401
     import zarr  # noqa: F401
 
-    import pipeline.engine  # noqa: F401
+    import pipeline.inference.engine  # noqa: F401
     import unet  # noqa: F401
 
 
@@ -88,7 +88,7 @@ def _setup(model_path: str, threads: int):
 
 
 def run_reference(image: np.ndarray, model_path: str, threads: int) -> dict[str, Any]:
-    from pipeline.predict import whole_image_logits
+    from pipeline.inference.predict import whole_image_logits
 
     model = _setup(model_path, threads)
     started = time.perf_counter()
@@ -99,7 +99,7 @@ def run_reference(image: np.ndarray, model_path: str, threads: int) -> dict[str,
 def run_ours(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int) -> dict[str, Any]:
     import zarr
 
-    from pipeline.engine import segment_slide
+    from pipeline.inference.engine import segment_slide
 
     model = _setup(model_path, threads)
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
@@ -109,7 +109,7 @@ def run_ours(image: np.ndarray, model_path: str, threads: int, tile_size: int, b
 
 
 def run_ours_logits(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int) -> dict:
-    from pipeline.engine import tiled_logits
+    from pipeline.inference.engine import tiled_logits
 
     model = _setup(model_path, threads)
     return {"probabilities": _softmax(tiled_logits(image, model, tile_size, batch_size=batch_size))}
@@ -145,7 +145,7 @@ def distance(reference: np.ndarray, probabilities: np.ndarray | None = None, lab
 
 def region(slide_path: Path, size: int) -> np.ndarray:
     """The centre ``size`` x ``size`` of the slide (tissue and glass), as an in-memory uint8 image."""
-    from pipeline.pyramid import open_slide
+    from pipeline.slides.pyramid import open_slide
 
     slide = open_slide(slide_path)
     height, width = slide.size

@@ -7,7 +7,7 @@ its level 1 has a non-integer downsample (as real scanners' levels do). Each rea
 
 * ``openslide region (before)``: what the pipeline did before: OpenSlide ``read_region`` at the level-0
   origin ``round(x * downsample)``, composited on white; at a non-integer level it is not exact.
-* ``native, N decode threads``: :mod:`pipeline.tiff_reader`, the level's own tiles, a process-wide cache
+* ``native, N decode threads``: :mod:`pipeline.slides.tiff_reader`, the level's own tiles, a process-wide cache
   of decoded tiles, the tiles a window needs decoded in N threads.
 * ``tifffile via zarr``: tifffile's own ``aszarr`` store read through zarr, for reference.
 
@@ -35,7 +35,7 @@ READERS = ("openslide region (before)", "native, 1 decode thread (after, default
 
 def odd_slide(workdir: Path, side: int) -> Path:
     """A rendered (side - 1)^2 slide: level 1 is side / 2 px, so its downsample is (side - 1) / (side / 2) < 2."""
-    from pipeline.synthetic import make_demo_slide
+    from pipeline.demo.synthetic import make_demo_slide
 
     path = Path(workdir) / f"odd-{side - 1}.tiff"
     if not path.exists():
@@ -56,7 +56,7 @@ def read_all(reader: str, path: str, level: int, origins: list[tuple[int, int, i
     import openslide
     import tifffile
 
-    from pipeline.slide import ArraySource, SlideSource, composite_on_white, read_window
+    from pipeline.slides.sources import ArraySource, SlideSource, composite_on_white, read_window
 
     handle = openslide.OpenSlide(path)
     downsample = handle.level_downsamples[level]
@@ -74,7 +74,7 @@ def read_all(reader: str, path: str, level: int, origins: list[tuple[int, int, i
 
         source = Before()
     elif reader.startswith("native"):
-        from pipeline.pyramid import open_slide
+        from pipeline.slides.pyramid import open_slide
 
         source = open_slide(path, level)
     else:

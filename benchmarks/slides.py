@@ -1,6 +1,6 @@
 """Benchmark inputs, made once and cached in the work folder: synthetic slides and small models.
 
-Slides come from :func:`pipeline.synthetic.make_demo_slide` (pyramidal JPEG TIFF, H&E-like) with about
+Slides come from :func:`pipeline.demo.synthetic.make_demo_slide` (pyramidal JPEG TIFF, H&E-like) with about
 30 % tissue (``TISSUE``). Rendering runs at ~1.5 Mpx/s on 2 cores, so a 16-gigapixel slide would take
 hours; sizes above ``--mosaic-base`` are therefore made as a *mosaic*: the base slide's level-0 JPEG tiles
 copied byte for byte k x k times (same tissue fraction, same tile content statistics, same file layout),
@@ -32,7 +32,7 @@ def slide_side(gigapixels: float, base: int | None = None) -> int:
 
 def synthetic_slide(workdir: Path, side: int) -> Path:
     """A rendered ``side`` x ``side`` slide with ~30 % tissue (cached by name)."""
-    from pipeline.synthetic import make_demo_slide
+    from pipeline.demo.synthetic import make_demo_slide
 
     path = Path(workdir) / f"synthetic-{side}-t{TISSUE}.tiff"
     if not path.exists():
@@ -45,7 +45,8 @@ def mosaic_slide(workdir: Path, base_side: int, repeats: int) -> Path:
     """A (base_side * repeats)^2 slide whose level-0 tiles are copies of the rendered base slide's tiles."""
     import tifffile
 
-    from pipeline.synthetic import append_pyramid, jpeg_options
+    from pipeline.demo.synthetic import append_pyramid, jpeg_options
+    from pipeline.store.durability import atomic_file
 
     if base_side % TILE:
         raise ValueError(f"mosaic base side {base_side} must be a multiple of the tile {TILE}")
@@ -56,23 +57,23 @@ def mosaic_slide(workdir: Path, base_side: int, repeats: int) -> Path:
     if path.exists():
         return path
     base = synthetic_slide(workdir, base_side)
-    mpp, tmp = 0.5, path.with_name(path.name + ".partial")
+    mpp = 0.5
     options = jpeg_options(mpp, TILE)
     options.pop("compressionargs")  # the tiles are written as they are, never re-encoded
     logger.info("writing the %dx%d mosaic %s", side, side, path)
-    with tifffile.TiffFile(base) as tf, tifffile.TiffWriter(tmp, bigtiff=True) as writer:
-        # level L of the mosaic is the mosaic of the base's level L while the base's side there is a whole
-        # number of tiles (the 2x mean never straddles two copies); append_pyramid computes the rest
-        for level, page in enumerate(tf.pages):
-            base_level = page.shape[0]
-            if base_level % TILE or page.shape[0] != page.shape[1]:
-                break
-            res = 1e4 / (mpp * 2**level)
-            writer.write(_copied_tiles(tf, page, repeats), shape=(base_level * repeats, base_level * repeats, 3),
-                         dtype=np.uint8, resolution=(res, res), subfiletype=1 if level else 0,
-                         jpegtables=page.jpegtables, **options)  # fmt: skip
-    append_pyramid(tmp, mpp, TILE)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        with tifffile.TiffFile(base) as tf, tifffile.TiffWriter(tmp, bigtiff=True) as writer:
+            # level L of the mosaic is the mosaic of the base's level L while the base's side there is a whole
+            # number of tiles (the 2x mean never straddles two copies); append_pyramid computes the rest
+            for level, page in enumerate(tf.pages):
+                base_level = page.shape[0]
+                if base_level % TILE or page.shape[0] != page.shape[1]:
+                    break
+                res = 1e4 / (mpp * 2**level)
+                writer.write(_copied_tiles(tf, page, repeats), shape=(base_level * repeats, base_level * repeats, 3),
+                             dtype=np.uint8, resolution=(res, res), subfiletype=1 if level else 0,
+                             jpegtables=page.jpegtables, **options)  # fmt: skip
+        append_pyramid(tmp, mpp, TILE)
     return path
 
 

@@ -1,6 +1,6 @@
 """(d) Tissue skipping: the job's wall time with and without the tissue mask on a ~30 % tissue slide.
 
-Both runs are :func:`pipeline.batch.segment_batch` with the default Ray layout on an already started local
+Both runs are :func:`pipeline.inference.batch.segment_batch` with the default Ray layout on an already started local
 Ray (as in section (a)); with the mask, tiles without tissue are neither read nor run (detection on a
 thumbnail from the slide's pyramid is included in the time). The unmasked run is section (a)'s "default"
 row when that ran in the same invocation on the same slide.
@@ -22,8 +22,8 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
     import ray
 
     from benchmarks.efficiency import pipeline_run, start_ray
-    from pipeline.ray_runner import RayOptions
-    from pipeline.pyramid import open_slide
+    from pipeline.inference.ray_runner import RayOptions
+    from pipeline.slides.pyramid import open_slide
 
     options = RayOptions(actors=actors, batch_size=batch_size, progress=False)
     height, width = open_slide(slide).size

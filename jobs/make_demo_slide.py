@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.synthetic import make_demo_slide  # noqa: E402
+from pipeline.demo.synthetic import make_demo_slide  # noqa: E402
 
 
 def _positive_int(text: str) -> int:

@@ -36,8 +36,8 @@ def evaluate_isbi(model_path: Path, data_dir: Path, tile: int = 256) -> dict:
     """Pixel error, foreground Dice and Rand error of the model on slices 25-29 (whole slices, mirrored at
     their borders exactly as inference does), summed over the five slices (Rand error: their mean)."""
     from unet import load_model
-    from unet.training.evaluate import ValItem, evaluate
-    from unet.training.files import read_image, read_label
+    from pipeline.training.evaluate import ValItem, evaluate
+    from pipeline.training.files import read_image, read_label
 
     model = load_model(model_path)
     items = []

@@ -111,10 +111,10 @@ def resolve_model_path(args: argparse.Namespace) -> Path:
 
 
 def options_from(args: argparse.Namespace, model: Any):
-    from pipeline.batch import BatchConfig
-    from pipeline.geometry import check_tile_size
-    from pipeline.ray_runner import RayOptions
-    from pipeline.slide import SlideLimits
+    from pipeline.inference.batch import BatchConfig
+    from pipeline.slides.geometry import check_tile_size
+    from pipeline.inference.ray_runner import RayOptions
+    from pipeline.slides.sources import SlideLimits
 
     check_tile_size(args.tile_size, model.alignment)
     caps = {"max_gigapixels": args.max_gigapixels, "max_tiles": args.max_tiles}
@@ -138,9 +138,9 @@ def options_from(args: argparse.Namespace, model: Any):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.batch import segment_batch
-    from pipeline.ray_runner import one_line
-    from pipeline.report import format_table
+    from pipeline.inference.batch import segment_batch
+    from pipeline.text import one_line
+    from pipeline.inference.report import format_table
     from unet import load_model
 
     model_path = resolve_model_path(args)
@@ -151,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         usage_error(one_line(error))
     try:
         if not args.slides:  # the README's main command: the demo slide, end to end, with its Dice
-            from pipeline.demo import run_demo
+            from pipeline.demo.run import run_demo
 
             demo = run_demo(args.out or REPO_ROOT / "demo", model, options, num_cpus=args.num_cpus)
             run = demo.batch
         else:
             if not args.out:
                 usage_error("--out DIR is required when slides are given")
-            settings = {"model": str(model_path), "model_checksum": getattr(model, "checksum", None)}
+            settings = {"model": str(model_path), "model_checksum": model.card.checksum}
             run = segment_batch(args.slides, args.out, model, config, options, address=args.address,
                                 num_cpus=args.num_cpus, settings=settings)  # fmt: skip
     finally:

@@ -9,8 +9,8 @@ cut by chunk borders counted once), objects per mm² of tissue and object size s
 OUT/summary.csv and printed as a table. ``--geojson`` writes OUT/<slide>.geojson (level-0 pixel
 coordinates, QuPath: File > Import objects); ``--figures`` writes OUT/<slide>-overview.png. A store
 that is missing, unfinished or unreadable is reported on one line and the others are still summarized;
-the exit status is then 1 (2 for usage errors). The logic lives in ``pipeline.analysis``,
-``pipeline.geojson`` and ``pipeline.figures``.
+the exit status is then 1 (2 for usage errors). The logic lives in ``pipeline.analysis.summary``,
+``pipeline.analysis.geojson`` and ``pipeline.analysis.figures``.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def usage_error(message: str) -> None:
 
 
 def options_from(args: argparse.Namespace):
-    from pipeline.analysis import AnalysisOptions
-    from pipeline.components import ComponentOptions
+    from pipeline.analysis.summary import AnalysisOptions
+    from pipeline.analysis.components import ComponentOptions
 
     components = ComponentOptions(connectivity=args.connectivity, block=args.block, workers=args.workers)
     analysis = AnalysisOptions(
@@ -88,7 +88,7 @@ def options_from(args: argparse.Namespace):
 
 def geojson_options(summary, components):
     """Object classes become QuPath detections, the other non-background classes annotations (regions)."""
-    from pipeline.geojson import GeoJSONOptions
+    from pipeline.analysis.geojson import GeoJSONOptions
 
     return GeoJSONOptions(detections=tuple(summary.object_classes), min_area_px=summary.min_object_px,
                           components=components)  # fmt: skip
@@ -96,16 +96,16 @@ def geojson_options(summary, components):
 
 def summarize_one(path: Path, out_dir: Path, args: argparse.Namespace, analysis, components):
     """Everything asked for one store; raises with a one-line reason on failure."""
-    from pipeline.analysis import summarize_store
+    from pipeline.analysis.summary import summarize_store
 
     summary = summarize_store(path, analysis)
     if args.geojson:
-        from pipeline.geojson import export_geojson
+        from pipeline.analysis.geojson import export_geojson
 
         out = out_dir / f"{summary.store.name}.geojson"
         export_geojson(path, out, geojson_options(summary, components), summary.components)
     if args.figures:
-        from pipeline.figures import write_overview
+        from pipeline.analysis.figures import write_overview
 
         png = write_overview(summary, out_dir / f"{summary.store.name}-overview.png")
         logger.info("%s: figure -> %s", summary.store.name, png)
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    from pipeline.analysis import find_stores, format_table, one_line, write_csv
+    from pipeline.analysis.summary import find_stores, format_table, write_csv
+    from pipeline.text import one_line
 
     try:
         analysis, components = options_from(args)

@@ -8,7 +8,7 @@
 The run lives in STORAGE/NAME: Ray Train checkpoints, metrics.jsonl (one line per epoch) and best-model.pt
 (the best epoch's model artifact; ``jobs/segment_slides.py --model STORAGE/NAME/best-model.pt`` takes it).
 Rerunning the same command (same --name and --storage-path) resumes from the latest checkpoint; a larger
---epochs extends a finished run. The logic lives in ``unet.training``.
+--epochs extends a finished run. The logic lives in ``pipeline.training``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _mpp_pair(text: str) -> tuple[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from unet.training.config import METRIC_MODES, TrainConfig
+    from pipeline.training.config import METRIC_MODES, TrainConfig
 
     d = TrainConfig.__dataclass_fields__
     default = {name: f.default for name, f in d.items() if not callable(f.default_factory)}  # type: ignore[arg-type]
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace):
-    from unet.training.config import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     image_mpp = args.image_mpp
     if isinstance(image_mpp, list):
@@ -206,12 +206,12 @@ def config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from unet.training import fit, run_directory
+    from pipeline.training import fit, run_directory
 
     cfg = config_from_args(args)
     name = args.name or "unet"
     if args.num_workers > 0:
-        from pipeline.ray_setup import init_ray
+        from pipeline.inference.ray_setup import init_ray
 
         # log_to_driver: one line per epoch from the workers; the dashboard serves the state API Ray Train polls
         init_ray(args.address, args.num_cpus, repo_root=REPO_ROOT, log_to_driver=True, include_dashboard=True)

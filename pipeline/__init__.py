@@ -1,21 +1,30 @@
-"""Overlap-tile whole-slide segmentation: exact tiling, slide access, the engine and the output store.
+"""Overlap-tile whole-slide segmentation on Ray, in rooms by role (see docs/design.md):
 
-Public names are imported on first use, so light modules (``pipeline.synthetic``, ``pipeline.tissue``,
-``pipeline.geometry``) load without torch.
+- :mod:`pipeline.slides`     slides and tiling: formats, pyramids, exact reads, geometry, resolution, tissue
+- :mod:`pipeline.store`      the result on disk: the OME-Zarr contract, tile states, durability, locks, reading
+- :mod:`pipeline.inference`  the plan, the predictor, the in-process and Ray executors, the batch and its report
+- :mod:`pipeline.analysis`   objects, summaries, GeoJSON, figures from finished stores
+- :mod:`pipeline.training`   training the U-Net with Ray Train on image folders and slides
+- :mod:`pipeline.demo`       synthetic slides and the end-to-end demo
+
+Dependencies point one way: slides <- store <- inference <- (training, demo); analysis reads store and
+slides; everything may import :mod:`unet` (the model alone), which imports nothing from here.
+Public names are imported on first use, so light modules (``pipeline.demo.synthetic``,
+``pipeline.slides.tissue``, ``pipeline.slides.geometry``) load without torch.
 """
 
 from importlib import import_module
 
 _PUBLIC = {
-    "segment_slide": "pipeline.engine", "tiled_logits": "pipeline.engine", "SegmentResult": "pipeline.engine",
-    "whole_image_logits": "pipeline.predict", "TilePredictor": "pipeline.predict",
-    "open_slide": "pipeline.pyramid", "open_pyramid": "pipeline.pyramid", "SlidePyramid": "pipeline.pyramid",
-    "SlideError": "pipeline.slide",
-    "open_labels": "pipeline.store", "OutputExistsError": "pipeline.store",
-    "open_result": "pipeline.results",
-    "Tile": "pipeline.geometry", "TileGrid": "pipeline.geometry", "make_tile_grid": "pipeline.geometry",
-    "tile_grid_for_model": "pipeline.geometry", "check_tile_size": "pipeline.geometry",
-    "symmetric_index": "pipeline.geometry",
+    "segment_slide": "pipeline.inference.engine", "tiled_logits": "pipeline.inference.engine", "SegmentResult": "pipeline.inference.engine",
+    "whole_image_logits": "pipeline.inference.predict", "TilePredictor": "pipeline.inference.predict",
+    "open_slide": "pipeline.slides.pyramid", "open_pyramid": "pipeline.slides.pyramid", "SlidePyramid": "pipeline.slides.pyramid",
+    "SlideError": "pipeline.slides.sources",
+    "open_labels": "pipeline.store.output_store", "OutputExistsError": "pipeline.store.output_store",
+    "open_result": "pipeline.store.results",
+    "Tile": "pipeline.slides.geometry", "TileGrid": "pipeline.slides.geometry", "make_tile_grid": "pipeline.slides.geometry",
+    "tile_grid_for_model": "pipeline.slides.geometry", "check_tile_size": "pipeline.slides.geometry",
+    "symmetric_index": "pipeline.slides.geometry",
 }  # fmt: skip
 __all__ = sorted(_PUBLIC)
 

@@ -14,8 +14,8 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from pipeline.geometry import TileGrid
-from pipeline.store import LABELS_PATH, create_output_store
+from pipeline.slides.geometry import TileGrid
+from pipeline.store.output_store import LABELS_PATH, create_output_store
 
 CHUNK = 16
 CLASSES = ["background", "nucleus", "stroma"]

@@ -1,14 +1,20 @@
-"""Shared fixtures: the ../shared data (skip when absent), small varied-output U-Nets, one local Ray."""
+"""Shared fixtures and helpers: the ../shared data (skip when absent), small varied-output U-Nets, one local
+Ray, the job run as a user runs it, and the two ways of comparing stores."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from unet import UNet
 
@@ -54,7 +60,7 @@ def model() -> UNet:
 def ray_local():
     """One local Ray instance on loopback for the whole session, shut down at the end."""
     pytest.importorskip("ray")
-    from pipeline.ray_setup import init_ray
+    from pipeline.inference.ray_setup import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)  # never attach a test to someone's cluster
     ray = init_ray(
@@ -76,6 +82,18 @@ def random_image(height: int, width: int, channels: int = 3, seed: int = 0) -> n
 def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store, by relative path, with its bytes."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def assert_same_results(actual: Path, expected: Path, probabilities: bool = False) -> None:
+    """Complete, with equal arrays (labels at every pyramid level, tile states, optionally probabilities):
+    what two executors of the same plan must give, whatever their files' timestamps or metadata order."""
+    assert zarr.open_group(str(actual), mode="r").attrs["wsi_unet"]["status"] == "complete"
+    arrays = [f"labels/segmentation/{level.name}" for level in sorted(Path(expected, "labels", "segmentation").iterdir())
+              if level.is_dir()] + ["tiles/state"] + (["probabilities/0"] if probabilities else [])  # fmt: skip
+    assert len(arrays) > 1
+    for array in arrays:
+        a, e = (zarr.open_array(f"{store}/{array}", mode="r")[...] for store in (actual, expected))
+        assert a.dtype == e.dtype and np.array_equal(a, e), f"{array} differs"
 
 
 def assert_identical_stores(actual: Path, expected: Path) -> None:
@@ -114,7 +132,7 @@ def write_pyramid_tiff(path: Path, level0: np.ndarray, shapes: tuple[tuple[int, 
     import tifffile
     from PIL import Image
 
-    from pipeline.synthetic import jpeg_options
+    from pipeline.demo.synthetic import jpeg_options
 
     options = jpeg_options(mpp, tile=128)
     with tifffile.TiffWriter(path) as tif:
@@ -153,7 +171,7 @@ def dark_detector(threshold: float = 100.0) -> UNet:
         model.ups[0].conv.block[2].weight[0, 0, 1, 1] = 1
         model.outc.weight[1, 0] = 1
         model.outc.bias[1] = -(1 - 2 * threshold / 255)  # darkness above the threshold's
-    model.class_names = ["background", "nucleus"]
+    model.card.class_names = ["background", "nucleus"]
     return model
 
 
@@ -217,3 +235,44 @@ def dicom_slide(tmp_path_factory) -> Path:
         level = image if k == 0 else np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BOX))
         write_dicom_level(folder / f"level{k}.dcm", level, series, mpp=0.25 * 140 / width)
     return folder / "level0.dcm"
+
+
+# --------------------------------------------------------------------------- the job, run as a user runs it
+SEGMENT_SLIDES = Path(__file__).resolve().parents[1] / "jobs" / "segment_slides.py"
+QUIET = ("--num-cpus", "2", "--no-progress", "--no-preview")  # two CPUs like CI, no bars or PNGs to wait for
+
+
+def start_job(*args: str, **popen) -> subprocess.Popen:
+    """``python jobs/segment_slides.py ARGS`` from outside the checkout (the script must find it by itself),
+    with no inherited RAY_ADDRESS or PYTHONPATH, in a session of its own (so a test can kill it and its Ray)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = ""
+    return subprocess.Popen([sys.executable, str(SEGMENT_SLIDES), *args], env=env, cwd=tempfile.gettempdir(),
+                            text=True, start_new_session=True, **popen)  # fmt: skip
+
+
+def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the job to its end (or ``timeout``); whatever it started is killed afterwards."""
+    process = start_job(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        kill_session(process.pid)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the job's session (the driver and the local Ray it started)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The job's one-line ERROR log lines (one per failed slide)."""
+    return [line for line in stderr.splitlines() if line.startswith("ERROR ")]

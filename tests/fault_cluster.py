@@ -82,14 +82,14 @@ def main() -> None:
     parser.add_argument("--remove-after", type=int, default=30)
     args = parser.parse_args()
 
-    from pipeline.ray_setup import loopback_only
+    from pipeline.inference.ray_setup import loopback_only
 
     loopback_only()
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.engine import plan_slide
-    from pipeline.ray_runner import segment_slides_ray
+    from pipeline.inference.engine import plan_slide
+    from pipeline.inference.ray_runner import segment_slides_ray
     from unet import load_model
 
     env = {"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}}

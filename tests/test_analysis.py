@@ -7,7 +7,7 @@ import pytest
 from analysis_stores import CHUNK, CLASSES, make_store, planted_mask, reference_objects
 from scipy import ndimage
 
-from pipeline.analysis import (
+from pipeline.analysis.summary import (
     AnalysisOptions,
     ResultStoreError,
     find_stores,
@@ -16,7 +16,7 @@ from pipeline.analysis import (
     resolve_classes,
     summarize_store,
 )  # fmt: skip
-from pipeline.components import ComponentOptions
+from pipeline.analysis.components import ComponentOptions
 
 MPP = 0.5
 

@@ -12,8 +12,8 @@ def test_round_trip_restores_weights_config_and_metadata(tmp_path):
     path = save_model(model, tmp_path / "m.pt", class_names=["bg", "nucleus", "stroma"], mpp=0.5, data="nuclei", epochs=3)
     loaded = load_model(path)
     assert loaded.config == model.config and not loaded.training
-    assert loaded.class_names == ["bg", "nucleus", "stroma"] and loaded.mpp == 0.5
-    assert loaded.metadata == {"data": "nuclei", "epochs": 3} and len(loaded.checksum) == 64
+    assert loaded.card.class_names == ["bg", "nucleus", "stroma"] and loaded.card.mpp == 0.5
+    assert loaded.card.metadata == {"data": "nuclei", "epochs": 3} and len(loaded.card.checksum) == 64
     x = torch.rand(1, 3, 92, 92)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))

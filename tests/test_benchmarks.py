@@ -27,7 +27,7 @@ from benchmarks import common, durability, efficiency, gpu, peer, reads, slides 
 
 @pytest.fixture(scope="module")
 def tiny_slide(tmp_path_factory) -> Path:
-    from pipeline.synthetic import make_demo_slide
+    from pipeline.demo.synthetic import make_demo_slide
 
     path = tmp_path_factory.mktemp("bench") / "tiny.tiff"
     make_demo_slide(path, height=384, width=384, seed=1, tissue=slides.TISSUE)
@@ -66,8 +66,9 @@ def test_tree_memory_counts_descendants():
     assert memory.peak_processes >= 2 and memory.peak_pss > 50 << 20 and memory.peak_rss >= memory.peak_pss
 
 
+@pytest.mark.slow
 def test_efficiency_on_a_tiny_slide(ray_local, tiny_slide, tiny_model, tmp_path):
-    from pipeline.ray_runner import RayOptions
+    from pipeline.inference.ray_runner import RayOptions
 
     options = RayOptions(actors=1, batch_size=2, progress=False)
     record = efficiency.measure(tiny_slide, tiny_model, tmp_path, label="default", options=options, num_cpus=None,
@@ -82,8 +83,7 @@ def test_efficiency_on_a_tiny_slide(ray_local, tiny_slide, tiny_model, tmp_path)
 
 def test_peer_comparison_distances(tiny_model, tmp_path):
     pytest.importorskip("monai", reason='MONAI is not installed (pip install -e ".[bench]")')
-    from pipeline.engine import tiled_logits
-    from pipeline.predict import whole_image_logits
+    from pipeline.inference.engine import tiled_logits
     from unet import save_model
 
     rng = np.random.default_rng(0)
@@ -144,6 +144,7 @@ def test_run_command_writes_json(tmp_path, capsys):
     assert set(data["sections"]) == {"gpu"} and data["sections"]["gpu"]["rows"] == results["sections"]["gpu"]["rows"]
 
 
+@pytest.mark.slow
 def test_reads_section_times_every_reader_and_sees_the_old_one_is_not_exact(tmp_path):
     """Level 1 of a 2047 px slide is 1024 px (downsample 1.999): OpenSlide regions shift, native tiles do not."""
     section = reads.run(tmp_path, side=2048, tile_size=128, halo=44, limit=12)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import random_image, varied_unet
-from pipeline.engine import plan_slide
-from pipeline.report import write_run_report
-from pipeline.store import LABELS_PATH, TILE_DONE
+from pipeline.inference.engine import plan_slide
+from pipeline.inference.report import write_run_report
+from pipeline.store.output_store import LABELS_PATH, TILE_DONE
 
 
 class FsyncSpy:
@@ -141,7 +141,7 @@ def test_a_store_of_many_files_is_synced_with_one_syncfs_before_its_rename(tmp_p
     """A big slide's store holds one state file per skipped tile: one syncfs of the filesystem, not 100,000 fsyncs."""
     import ctypes
 
-    from pipeline import durability
+    from pipeline.store import durability
 
     assert hasattr(ctypes.CDLL(None), "syncfs")  # Linux: the real call, not the os.sync fallback
     monkeypatch.setattr(durability, "PER_FILE_LIMIT", 5)

@@ -7,8 +7,8 @@ import tifffile
 
 from conftest import NON_INTEGER_LEVELS, random_image, shared_file, varied_unet
 from pipeline import open_labels, open_pyramid, open_slide, segment_slide, tiled_logits, whole_image_logits
-from pipeline.resolution import open_at_mpp
-from pipeline.slide import ResampledSource
+from pipeline.slides.resolution import open_at_mpp
+from pipeline.slides.sources import ResampledSource
 from test_pyramid import SHARED_SLIDES, whole_level_by_openslide
 
 

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,14 +22,15 @@ import pytest
 import zarr
 
 from conftest import (
-    JPEG_LS_LOSSLESS, assert_identical_stores, random_image, shared_file, tile_states_written, torch_threads,
-    varied_unet, write_dicom_level,
+    JPEG_LS_LOSSLESS, QUIET, assert_identical_stores, error_lines, kill_session, random_image, shared_file, start_job,
+    tile_states_written, torch_threads, varied_unet, write_dicom_level,
 )  # fmt: skip
-from pipeline.batch import BatchConfig, plan_batch, segment_batch
-from pipeline.engine import SlidePlan, plan_slide, segment_slide
-from pipeline.locking import StoreLock
-from pipeline.ray_runner import RayOptions, segment_slides_ray
-from pipeline.store import read_provenance
+from conftest import run_job as run_quiet_job
+from pipeline.inference.batch import BatchConfig, plan_batch, segment_batch
+from pipeline.inference.engine import plan_slide, segment_slide
+from pipeline.store.locking import StoreLock
+from pipeline.inference.ray_runner import RayOptions, segment_slides_ray
+from pipeline.store.output_store import read_provenance
 from unet import save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,37 +45,15 @@ def artifact(tmp_path_factory) -> Path:
 
 
 def job(*args: str, **popen) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, str(CLI), *args, "--num-cpus", "2", "--no-progress", "--no-preview"],
-                            env=env, cwd=tempfile.gettempdir(), text=True, start_new_session=True, **popen)  # fmt: skip
+    return start_job(*args, *QUIET, **popen)
 
 
 def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    process = job(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    finally:
-        kill_session(process.pid)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of the job's session (the driver and the local Ray it started)."""
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # field 6 of stat: the session id
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry), signal.SIGKILL)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("ERROR ")]
+    return run_quiet_job(*args, *QUIET, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- kill -9, then the same command
+@pytest.mark.slow
 def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
     slide = str(shared_file("slides/cmu-1-small-region.svs"))
     store_name = "cmu-1-small-region.zarr"
@@ -107,6 +85,7 @@ def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
 
 
 # --------------------------------------------------------------------------- worker faults, multi-node
+@pytest.mark.slow
 def test_killed_actor_and_removed_worker_node_still_give_identical_output(artifact, tmp_path):
     """On a 127.0.0.1 cluster of head + worker nodes: SIGKILL the model actor mid-run, then remove the node
     running the actor and add another; Ray Data restarts the actor and retries the tasks, the idempotent
@@ -154,6 +133,7 @@ def fill(folder: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_full_disk_fails_the_slide_in_one_line_and_a_rerun_finishes_it(ray_local, tmp_path):
     model = varied_unet(3)
     slide = shared_file("slides/cmu-1-small-region.svs")
@@ -194,12 +174,14 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
     out = tmp_path / "out"
     with StoreLock(out / "small-16px.zarr"):  # a live job holds it
         with contextlib.ExitStack() as locks:
-            (entry,) = plan_batch([slide], out, model, BatchConfig(tile_size=256, tissue_mask=None), locks)
-    assert not isinstance(entry, SlidePlan)
+            batch = plan_batch([slide], out, model, BatchConfig(tile_size=256, tissue_mask=None), locks)
+    (entry,) = batch.failures
+    assert not batch.plans and not entry.ok
     assert entry.status.startswith(f"failed: {slide}: {out / 'small-16px.zarr'}: another job is writing it (host ")
     assert not (out / "small-16px.zarr").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_its_own_slides_store(ray_local, tmp_path):
     model = varied_unet(3)
     small, boxes = str(shared_file("slides/small-16px.svs")), str(shared_file("slides/boxes-generic.tiff"))
@@ -242,6 +224,7 @@ def make_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_alone_with_one_line_each_and_good_slides_finish(artifact, tmp_path):
     import tifffile
 
@@ -272,6 +255,7 @@ def test_bad_inputs_fail_alone_with_one_line_each_and_good_slides_finish(artifac
         assert not store.exists() or read_provenance(store)["status"] == "running"
 
 
+@pytest.mark.slow
 def test_bad_model_and_options_stop_before_any_slide_with_exit_2(artifact, tmp_path):
     slide = str(shared_file("slides/small-16px.svs"))
     corrupt = tmp_path / "corrupt.pt"

@@ -12,8 +12,8 @@ import pytest
 from analysis_stores import CHUNK, CLASSES, make_store, planted_mask, reference_objects
 from skimage.draw import polygon as fill_polygon
 
-from pipeline.components import ComponentOptions
-from pipeline.geojson import GeoJSONOptions, export_geojson
+from pipeline.analysis.components import ComponentOptions
+from pipeline.analysis.geojson import GeoJSONOptions, export_geojson
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # pixel coordinates
 SMALL = (17 * CHUNK - 3, 23 * CHUNK - 9)  # 17 x 23 chunks keeps the block-by-block export fast
@@ -147,9 +147,9 @@ def test_level0_downsample_of_slide_views(tmp_path):
     """What the engine records: 1 for level 0, the pyramid's downsample for a level, times the resampling factor."""
     from conftest import shared_file
 
-    from pipeline.coordinates import store_level0_downsample
-    from pipeline.pyramid import open_pyramid, open_slide
-    from pipeline.slide import ResampledSource
+    from pipeline.slides.coordinates import store_level0_downsample
+    from pipeline.slides.pyramid import open_pyramid, open_slide
+    from pipeline.slides.sources import ResampledSource
 
     assert open_slide(np.zeros((8, 8, 3), np.uint8)).level0_downsample == 1.0
     assert store_level0_downsample({"level": 0, "mpp": None, "source": "gone.svs"}) == 1.0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.geometry import check_tile_size, make_tile_grid, symmetric_index, tile_grid_for_model
+from pipeline.slides.geometry import check_tile_size, make_tile_grid, symmetric_index, tile_grid_for_model
 from unet import UNet
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_image, shared_file, varied_unet
-from pipeline.batch import BatchConfig, plan_batch
-from pipeline.engine import SlidePlan, plan_slide, segment_slide
-from pipeline.locking import StoreLock, StoreLockedError, StoreLockLostError, lock_path_for, read_lock_record
-from pipeline.report import write_run_report
-from pipeline.slide import SlideError, SlideLimits
-from pipeline.store import read_provenance, remove_stale_siblings
+from conftest import QUIET, random_image, run_job, shared_file, varied_unet
+from pipeline.inference.batch import BatchConfig, plan_batch
+from pipeline.inference.engine import plan_slide, segment_slide
+from pipeline.store.locking import StoreLock, StoreLockedError, StoreLockLostError, lock_path_for, read_lock_record
+from pipeline.inference.report import write_run_report
+from pipeline.slides.sources import SlideError, SlideLimits
+from pipeline.store.output_store import read_provenance, remove_stale_siblings
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "jobs" / "segment_slides.py"
@@ -104,7 +104,7 @@ def test_hostile_files_are_small(hostile_slides):
 PLAN_IN_BOUNDED_MEMORY = """
 import resource, sys
 sys.path.insert(0, {repo!r})
-from pipeline.engine import plan_slide
+from pipeline.inference.engine import plan_slide
 from unet import UNet, UNetConfig
 model = UNet(UNetConfig(base_channels=4, depth=2))
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))  # after imports: ~0.7 GiB mapped by then
@@ -118,6 +118,7 @@ print("planned"); sys.exit(0)
 """
 
 
+@pytest.mark.slow
 def test_hostile_slides_are_refused_in_bounded_memory(hostile_slides, tmp_path):
     """Planned (open, size checks, thumbnail, tiles) in a process that may map at most 2 GiB in all."""
     script = PLAN_IN_BOUNDED_MEMORY.format(repo=str(REPO), limit=2 << 30)
@@ -138,6 +139,7 @@ def test_tile_cap_refuses_before_any_tile_is_listed(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.slow
 def test_hostile_slides_fail_alone_through_the_job(hostile_slides, tmp_path):
     """One line each, exit 1, and the good slide of the same batch completes."""
     good = shared_file("slides/small-16px.svs")
@@ -154,9 +156,7 @@ def test_hostile_slides_fail_alone_through_the_job(hostile_slides, tmp_path):
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, str(CLI), *args, "--num-cpus", "2", "--no-progress", "--no-preview"],
-                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
+    return run_job(*args, *QUIET, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- locks
@@ -232,12 +232,13 @@ def test_overwrite_never_replaces_another_slides_store_in_a_batch(tmp_path):
     out, model = tmp_path / "out", varied_unet()
     config = BatchConfig(tile_size=64, level=0, tissue_mask=None, previews=False)
     with contextlib.ExitStack() as locks:
-        (made,) = plan_batch([first], out, model, config, locks)
-    assert isinstance(made, SlidePlan) and made.store.path == str(out / "case_7.zarr")
+        (made,) = plan_batch([first], out, model, config, locks).plans
+    assert made.store.path == str(out / "case_7.zarr")
     with contextlib.ExitStack() as locks:
-        (refused,) = plan_batch([second], out, model, BatchConfig(**{**config.__dict__, "overwrite": True}), locks)
-    assert not isinstance(refused, SlidePlan)
-    assert "holds the result of another slide" in refused.status and "site1/case 7.tiff" in refused.status
+        batch = plan_batch([second], out, model, BatchConfig(**{**config.__dict__, "overwrite": True}), locks)
+    (refused,) = batch.failures
+    assert not batch.plans and not refused.ok
+    assert "holds the result of another slide" in refused.error and "site1/case 7.tiff" in refused.error
     assert read_provenance(out / "case_7.zarr")["source"] == str(first)
     segment_slide(second, out / "case_7.zarr", model, tile_size=64, overwrite=True)  # named explicitly: allowed
     assert read_provenance(out / "case_7.zarr")["source"] == str(second)
@@ -269,7 +270,7 @@ def test_a_kill_between_the_two_renames_of_an_overwrite_keeps_the_old_store(tmp_
 
 
 def test_an_overwrite_interrupted_at_its_second_rename_puts_the_old_store_back(tmp_path, monkeypatch):
-    import pipeline.store as store_module
+    import pipeline.store.output_store as store_module
 
     path, image = tmp_path / "s.zarr", random_image(130, 100)
     segment_slide(image, path, varied_unet(), tile_size=64, mpp=0.5)
@@ -303,6 +304,7 @@ def test_a_symlinked_store_can_be_overwritten_and_later_runs_still_work(tmp_path
 
 
 # --------------------------------------------------------------------------- the command line
+@pytest.mark.slow
 def test_the_output_folder_given_as_input_is_no_slides_and_exit_1(tmp_path):
     out = tmp_path / "out"
     (out / "old.zarr").mkdir(parents=True)
@@ -312,6 +314,7 @@ def test_the_output_folder_given_as_input_is_no_slides_and_exit_1(tmp_path):
     assert f"{out}: inside the output folder" in line
 
 
+@pytest.mark.slow
 def test_a_run_report_that_cannot_be_written_fails_the_job(tmp_path):
     import tifffile
 
@@ -347,7 +350,7 @@ def test_concurrent_run_reports_never_share_a_temp_file(tmp_path):
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
     import csv
 
-    from pipeline.analysis import write_csv
+    from pipeline.analysis.summary import write_csv
 
     class Summary:  # what write_csv needs of a SlideSummary: its row
         def __init__(self, slide: str) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_job
+
 from unet import ModelArtifactError, UNet, UNetConfig, load_model, save_model
 from unet.artifact import CONFIG_CHECKS
 
@@ -58,11 +60,7 @@ def refused(path: Path, problem: str, fix: str = "re-export it with unet.save_mo
 
 
 def run_cli(tmp_path: Path, model: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "segment_slides.py"), str(tmp_path / "missing.svs"),
-         "--out", str(tmp_path / "out"), "--model", str(model)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    return run_job(str(tmp_path / "missing.svs"), "--out", str(tmp_path / "out"), "--model", str(model))
 
 
 def assert_cli_usage_error(tmp_path: Path, model: Path, problem: str) -> None:
@@ -180,7 +178,7 @@ def test_artifact_over_the_byte_cap_is_refused_and_the_cap_is_configurable(tmp_p
     monkeypatch.setenv("WSI_MAX_MODEL_BYTES", "1000")
     fix = "if you trust the file, raise WSI_MAX_MODEL_BYTES"
     refused(path, r"it holds [\d,]+ bytes, over the limit of 1,000", fix=fix)
-    assert load_model(path, max_bytes=10_000_000).class_names == ["bg", "fg"]  # the keyword wins
+    assert load_model(path, max_bytes=10_000_000).card.class_names == ["bg", "fg"]  # the keyword wins
     monkeypatch.setenv("WSI_MAX_MODEL_BYTES", "lots")
     with pytest.raises(ValueError, match="WSI_MAX_MODEL_BYTES='lots' is not a whole number"):
         load_model(path)
@@ -194,7 +192,7 @@ def test_parameter_cap_is_configurable_by_environment_and_keyword(tmp_path, monk
     monkeypatch.setenv("WSI_MAX_MODEL_PARAMETERS", str(count - 1))
     refused(path, rf"over the limit of {count - 1:,}", fix=fix)
     monkeypatch.setenv("WSI_MAX_MODEL_PARAMETERS", str(count))
-    assert load_model(path).class_names == ["bg", "fg"]
+    assert load_model(path).card.class_names == ["bg", "fg"]
 
 
 # ------------------------------------------------------------------------------------ code execution
@@ -222,8 +220,8 @@ def test_legacy_non_zip_torch_file_is_refused(tmp_path):
 def test_tampered_training_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
     import ray.train
 
-    from unet.training import TrainConfig
-    from unet.training.loop import LOCAL_CHECKPOINT, STATE_FILE, _load_state
+    from pipeline.training import TrainConfig
+    from pipeline.training.loop import LOCAL_CHECKPOINT, STATE_FILE, _load_state
 
     marker = tmp_path / "pwned"
     run_dir = tmp_path / "runs" / "tampered"
@@ -242,7 +240,7 @@ def test_tampered_training_checkpoint_is_refused_and_never_runs(tmp_path, monkey
 
 def test_checkpoint_state_the_loop_saves_loads_with_weights_only(tmp_path):
     """What state.pt holds (weights, optimiser and GradScaler state, numbers, metrics) passes weights_only."""
-    from unet.training.loop import read_state
+    from pipeline.training.loop import read_state
 
     model = UNet(base_channels=2, depth=1, batch_norm=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)

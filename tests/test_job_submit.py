@@ -88,6 +88,7 @@ def head_node():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_ray_job_submit_segments_several_slides_exactly(head_node, tmp_path):
     slides = [shared_file("slides/cmu-1-small-region.svs"), shared_file("slides/small-16px.svs")]
     model = varied_unet()

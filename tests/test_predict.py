@@ -5,8 +5,8 @@ import pytest
 
 from conftest import random_image, varied_unet
 from pipeline import open_slide, tile_grid_for_model
-from pipeline.engine import read_windows
-from pipeline.predict import TilePredictor, resolve_amp, resolve_device
+from pipeline.inference.tile_batches import read_windows
+from pipeline.inference.predict import TilePredictor, resolve_amp, resolve_device
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import zarr
 from conftest import (JPEG_LS_LOSSLESS, NON_INTEGER_LEVELS, SHARED, random_image, shared_file,
                       write_dicom_level)  # fmt: skip
 from pipeline import SlideError
-from pipeline.geometry import make_tile_grid
-from pipeline.pyramid import LevelSource, open_pyramid, open_slide
-from pipeline.resolution import open_at_mpp
-from pipeline.slide import ArraySource, ResampledSource
-from pipeline.slide_formats import openslide_pyramid
+from pipeline.slides.geometry import make_tile_grid
+from pipeline.slides.pyramid import LevelSource, open_pyramid, open_slide
+from pipeline.slides.resolution import open_at_mpp
+from pipeline.slides.sources import ArraySource, ResampledSource
+from pipeline.slides.formats import openslide_pyramid
 
 SHARED_SLIDES = sorted(p.name for p in (SHARED / "slides").glob("*") if p.is_file()) or ["(no shared slides)"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ray_setup
+from pipeline.inference import ray_setup
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
 

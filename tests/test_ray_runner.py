@@ -1,4 +1,4 @@
-"""The Ray executor (pipeline.ray_runner) and the batch CLI (jobs/segment_slides.py).
+"""The Ray executor (pipeline.inference.ray_runner) and the batch CLI (jobs/segment_slides.py).
 
 The Ray path must write stores bit-identical to the in-process reference ``segment_slide`` on CPU in
 float32. Both sides run torch with one intra-op thread (the actors get ``cpus_per_actor=1`` thread): with
@@ -7,27 +7,24 @@ other thread counts a handful of uint8 probabilities can round the other way (la
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
-from conftest import shared_file, torch_threads, varied_unet
-from pipeline.engine import plan_slide, segment_slide
-from pipeline.ray_runner import (Predict, RayOptions, ReadWindows, check_plans, interleave, one_line,
-                                 segment_slides_ray)
-from pipeline.report import expand_slide_inputs, failed_result, format_table, output_path_for
+from conftest import assert_same_results, run_job, shared_file, torch_threads, varied_unet
+from pipeline.inference.engine import plan_slide, segment_slide
+from pipeline.inference.ray_runner import Predict, RayOptions, ReadWindows, check_plans, interleave, segment_slides_ray
+from pipeline.store.output_store import read_provenance
+from pipeline.text import one_line
+from pipeline.inference.report import expand_slide_inputs, failed_result, format_table, output_path_for
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "jobs" / "segment_slides.py"
@@ -56,25 +53,8 @@ def references(model, tmp_path_factory):
     return out
 
 
-def status_of(path) -> str:
-    return zarr.open_group(str(path), mode="r").attrs["wsi_unet"]["status"]
-
-
-def assert_same_store(actual, expected, probabilities: bool = False) -> None:
-    assert status_of(actual) == "complete"
-    level = 0
-    while Path(expected, "labels", "segmentation", str(level)).exists():
-        a = zarr.open_array(f"{actual}/labels/segmentation/{level}", mode="r")[...]
-        e = zarr.open_array(f"{expected}/labels/segmentation/{level}", mode="r")[...]
-        assert a.dtype == e.dtype and np.array_equal(a, e), f"labels level {level} differ"
-        level += 1
-    assert level >= 1
-    for array in ("tiles/state",) + (("probabilities/0",) if probabilities else ()):
-        a = zarr.open_array(f"{actual}/{array}", mode="r")[...]
-        assert np.array_equal(a, zarr.open_array(f"{expected}/{array}", mode="r")[...]), f"{array} differs"
-
-
 # --------------------------------------------------------------------------- Ray path == reference
+@pytest.mark.slow
 def test_ray_matches_segment_slide_on_real_slide(ray_local, model, references, tmp_path):
     labels = zarr.open_array(f"{references['cmu']}/labels/segmentation/0", mode="r")[...]
     assert (np.bincount(labels.ravel(), minlength=3) > 0.01 * labels.size).sum() >= 2, "near-constant output"
@@ -84,9 +64,10 @@ def test_ray_matches_segment_slide_on_real_slide(ray_local, model, references, t
     assert result.status == "complete", result.status
     assert result.tiles_run == result.tiles_total == len(plan.grid) == 108
     assert 0 < result.model_seconds < result.seconds  # summed from the actor's timed forward passes
-    assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
+    assert_same_results(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
 
 
+@pytest.mark.slow
 def test_reads_in_their_own_cpu_tasks_give_the_same_store(ray_local, model, references, tmp_path):
     """The GPU actors' layout (reads as CPU tasks beside the actor pool), run here with a CPU actor."""
     plan = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256,
@@ -97,16 +78,17 @@ def test_reads_in_their_own_cpu_tasks_give_the_same_store(ray_local, model, refe
     [result] = segment_slides_ray([plan], model, options)
     assert result.status == "complete", result.status
     assert result.tiles_run == 108 and 0 < result.model_seconds < result.seconds
-    assert_same_store(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
+    assert_same_results(tmp_path / "cmu.zarr", references["cmu"], probabilities=True)
 
 
+@pytest.mark.slow
 def test_ray_job_at_non_integer_levels_stores_the_whole_level_answer(ray_local, non_integer_slide, tmp_path):
     """Levels 1 and 2 of the built slide (downsamples 2.0019 and 4.0047) in one Ray run: each store holds
     the argmax of one forward pass over the whole level (read by OpenSlide from its origin)."""
     from test_exactness import assert_labels_are_the_argmax
     from test_pyramid import whole_level_by_openslide
 
-    from pipeline.predict import whole_image_logits
+    from pipeline.inference.predict import whole_image_logits
 
     wholes = {level: whole_level_by_openslide(non_integer_slide, level) for level in (1, 2)}
     model = varied_unet(SEED, calibrate=wholes[1])
@@ -119,6 +101,7 @@ def test_ray_job_at_non_integer_levels_stores_the_whole_level_answer(ray_local, 
         assert_labels_are_the_argmax(labels, whole_image_logits(model, whole))
 
 
+@pytest.mark.slow
 def test_several_slides_share_one_pool(ray_local, model, references, tmp_path):
     plans = [
         plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", model, tile_size=256),
@@ -130,9 +113,10 @@ def test_several_slides_share_one_pool(ray_local, model, references, tmp_path):
     assert [r.output for r in results] == [str(tmp_path / f"{n}.zarr") for n in ("cmu", "small", "boxes")]
     assert results[2].level == 1 and results[2].shape == (125, 150)
     for name in ("cmu", "small", "boxes"):
-        assert_same_store(tmp_path / f"{name}.zarr", references[name])
+        assert_same_results(tmp_path / f"{name}.zarr", references[name])
 
 
+@pytest.mark.slow
 def test_bad_slide_fails_alone(ray_local, model, references, tmp_path):
     plans = [
         plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "small.zarr", model, tile_size=256),
@@ -145,16 +129,17 @@ def test_bad_slide_fails_alone(ray_local, model, references, tmp_path):
     assert gone.status.startswith("failed: 2 of 2 tiles failed: ") and "\n" not in gone.status, gone.status
     assert bad.status.startswith("failed: ") and "\n" not in bad.status, bad.status
     assert bad.tiles_run == 0
-    assert status_of(tmp_path / "bad.zarr") == "running"  # never finalized
+    assert read_provenance(tmp_path / "bad.zarr")["status"] == "running"  # never finalized
     assert good.status == boxes.status == "complete"
-    assert_same_store(tmp_path / "small.zarr", references["small"])
-    assert_same_store(tmp_path / "boxes.zarr", references["boxes"])
+    assert_same_results(tmp_path / "small.zarr", references["small"])
+    assert_same_results(tmp_path / "boxes.zarr", references["boxes"])
 
 
 def _explode(module, inputs):
     raise RuntimeError("simulated device failure\nsecond line")
 
 
+@pytest.mark.slow
 def test_pipeline_failure_fails_unfinished_slides(ray_local, tmp_path):
     """An error outside the per-tile catches (here: every forward pass raises) fails the slides left, on one
     line each, and finalizes none of them."""
@@ -169,7 +154,7 @@ def test_pipeline_failure_fails_unfinished_slides(ray_local, tmp_path):
     for result, name in zip(results, "ab"):
         assert result.status.startswith("failed: ") and "simulated device failure" in result.status, result.status
         assert "\n" not in result.status and "second line" not in result.status
-        assert status_of(tmp_path / f"{name}.zarr") == "running"
+        assert read_provenance(tmp_path / f"{name}.zarr")["status"] == "running"
 
 
 def test_nothing_to_run_finalizes_without_ray(model, tmp_path):
@@ -195,8 +180,7 @@ def test_interleave_round_robin(model, tmp_path):
         check_plans([small, other], model)
     with pytest.raises(ValueError, match="planned for another model"):
         check_plans([small], varied_unet(SEED, depth=2))
-    with pytest.raises(ValueError, match="probabilities=False"):
-        check_plans([small], model, probabilities=True)
+    assert small.probabilities is False and small.model_checksum.startswith("weights:")  # the plan carries both
     with pytest.raises(ValueError, match="amp must be one of"):
         RayOptions(amp="fp8")
     with pytest.raises(TypeError, match="unknown option"):
@@ -230,12 +214,12 @@ class _Recorder:
 def test_a_cpu_actor_reads_beside_its_forward_passes_but_runs_them_one_at_a_time(model, tmp_path):
     """Two calls in flight on one actor: each reads its own windows, forward passes never overlap, a block is
     cut into forward batches of ``batch_size``, and the labels are the in-process predictor's."""
-    from pipeline.engine import read_windows
-    from pipeline.predict import TilePredictor
+    from pipeline.inference.predict import TilePredictor
+    from pipeline.inference.tile_batches import keys_of, read_batch
 
     plan = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "a.zarr", model, tile_size=128)
     tiles = plan.tiles[:20]
-    reader = _Recorder(ReadWindows([plan.slide], [plan.grid]))
+    reader = _Recorder(ReadWindows([plan]))
     actor = Predict(model, plan.grid, "cpu", None, False, False, batch_size=4, threads=1, reader=reader)
     forward = actor.predictor = _Recorder(actor.predictor)
     blocks = [tiles[:10], tiles[10:]]  # 10 tiles each: forward batches of 4, 4 and 2
@@ -254,7 +238,7 @@ def test_a_cpu_actor_reads_beside_its_forward_passes_but_runs_them_one_at_a_time
             thread.join()
         expected = TilePredictor.for_grid(model, plan.grid, device="cpu")
         for k in (0, 1):
-            windows = read_windows(plan.slide, plan.grid, blocks[k])
+            windows, _ = read_batch([plan], keys_of(0, blocks[k]))
             want = np.concatenate([expected(windows[i : i + 4])["labels"] for i in range(0, 10, 4)])
             assert np.array_equal(results[k]["labels"], want)
             assert "window" not in results[k] and list(results[k]["error"]) == [""] * 10
@@ -287,10 +271,7 @@ def test_report_helpers(tmp_path):
 
 # --------------------------------------------------------------------------- the CLI
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = ""  # the script must find the checkout by itself
-    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=tempfile.gettempdir())  # fmt: skip (runs from outside the checkout)
+    return run_job(*args, timeout=timeout)
 
 
 def test_cli_help_mentions_every_option():
@@ -302,6 +283,7 @@ def test_cli_help_mentions_every_option():
         assert option in done.stdout, option
 
 
+@pytest.mark.slow
 def test_cli_usage_errors_exit_2(model, tmp_path):
     from unet import save_model
 
@@ -314,6 +296,7 @@ def test_cli_usage_errors_exit_2(model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(model, tmp_path):
     from unet import save_model
 
@@ -328,7 +311,7 @@ def test_cli_end_to_end(model, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("ERROR ")
     assert lines[0].endswith(f": {missing}: no such slide file or directory; check the path")
     store = out / "small-16px.zarr"
-    assert status_of(store) == "complete"
+    assert read_provenance(store)["status"] == "complete"
     report = json.loads((out / "run-report.json").read_text())
     summary = report["summary"]
     assert (summary["slides"], summary["complete"], summary["failed"], summary["resumed"], summary["kept"]) == (2, 1, 1, [], [])
@@ -341,7 +324,7 @@ def test_cli_end_to_end(model, tmp_path):
     assert (out / "small-16px.png").stat().st_size > 0  # the preview
     with torch_threads(1):
         segment_slide(slide, tmp_path / "ref.zarr", artifact, tile_size=256)
-    assert_same_store(store, tmp_path / "ref.zarr")
+    assert_same_results(store, tmp_path / "ref.zarr")
 
     # The same command again: the complete store is kept untouched and reported as kept.
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
@@ -358,7 +341,7 @@ def test_cli_end_to_end(model, tmp_path):
     assert refused.returncode == 1
     assert "other settings (model_checksum)" in refused.stderr and "--overwrite" in refused.stderr, refused.stderr
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
-    assert status_of(store) == "complete"
+    assert read_provenance(store)["status"] == "complete"
 
 
 def model_checksum(path) -> str:

@@ -12,16 +12,15 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
 
 from conftest import assert_identical_stores, random_image, shared_file, tile_states_written, varied_unet
 from pipeline import OutputExistsError, SlideError, open_slide, segment_slide
-from pipeline.engine import plan_slide
-from pipeline.locking import StoreLock, StoreLockedError, lock_path_for
-from pipeline.report import output_path_for, safe_stem
-from pipeline.store import TILE_DONE, read_provenance
+from pipeline.inference.engine import plan_slide
+from pipeline.store.locking import StoreLock, StoreLockedError, lock_path_for
+from pipeline.inference.report import output_path_for, safe_stem
+from pipeline.store.output_store import read_provenance
 from unet import save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ def test_lock_left_by_a_killed_job_is_taken_over(tmp_path):
     store = tmp_path / "slide.zarr"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time; sys.path.insert(0, {str(REPO)!r})
-        from pipeline.locking import StoreLock
+        from pipeline.store.locking import StoreLock
         StoreLock({str(store)!r}).acquire(); print("held", flush=True); time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
@@ -68,7 +67,7 @@ def test_lock_of_a_reused_pid_or_a_silent_remote_host_is_stale(tmp_path):
 
 # --------------------------------------------------------------------------- atomic creation, resume
 def test_crash_while_creating_a_store_leaves_nothing(tmp_path, monkeypatch):
-    import pipeline.store as store_module
+    import pipeline.store.output_store as store_module
 
     def crash(path, *args):
         zarr.open_group(str(path), mode="w").create_group("labels")
@@ -103,6 +102,7 @@ def run_engine(out: Path, model_path: Path, resume: bool) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["creating", "tiles", "finishing"])
 def test_kill_9_then_resume_gives_a_byte_identical_store(tmp_path, moment):
     """kill -9 of the engine at a moment, then resume: the store equals an uninterrupted run, file for file."""
@@ -191,7 +191,7 @@ def test_explicit_mpp_on_a_slide_without_pixel_size_is_an_error(tmp_path):
 
 def test_absurd_upsampling_is_refused_not_attempted():
     """boxes-generic.tiff claims 352.8 µm/px: reaching a 0.5 µm/px model would mean a 700x larger image."""
-    from pipeline.resolution import open_for_segmentation
+    from pipeline.slides.resolution import open_for_segmentation
 
     slide = shared_file("slides/boxes-generic.tiff")
     with pytest.raises(SlideError, match=r"boxes-generic.tiff: its finest level is 352.8 µm/px, 706x coarser.*--level 0"):

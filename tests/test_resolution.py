@@ -7,7 +7,7 @@ import pytest
 
 from conftest import random_image, shared_file, varied_unet
 from pipeline import open_slide, segment_slide, tiled_logits, whole_image_logits
-from pipeline.resolution import ResampledSource, level_for_mpp, open_at_mpp, open_for_segmentation
+from pipeline.slides.resolution import ResampledSource, level_for_mpp, open_at_mpp, open_for_segmentation
 
 
 def test_level_whose_mpp_is_closest_at_or_below_the_target():

@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import random_image, varied_unet
 from pipeline import open_labels, open_slide, segment_slide
-from pipeline.results import open_result, write_preview
+from pipeline.store.results import open_result, write_preview
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import zarr
 
 from conftest import random_image, shared_file
 from pipeline import SlideError, make_tile_grid, open_slide
-from pipeline.slide import input_windows
+from pipeline.slides.sources import input_windows
 
 
 def test_numpy_zarr_tiff_and_dask_sources_read_the_same_pixels(tmp_path):

@@ -9,8 +9,8 @@ import zarr
 
 from conftest import random_image, varied_unet
 from pipeline import OutputExistsError, open_labels, segment_slide, tile_grid_for_model
-from pipeline.engine import plan_slide
-from pipeline.store import TILE_DONE, build_pyramid, pyramid_shapes
+from pipeline.inference.engine import plan_slide
+from pipeline.store.output_store import TILE_DONE, build_pyramid, pyramid_shapes
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_result_says_how_much_of_the_run_the_model_was_busy(tmp_path):
 
 @pytest.mark.parametrize("compressors", ["auto", None])
 def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, compressors):
-    from pipeline.tile_state import read_tile_states
+    from pipeline.store.tile_state import read_tile_states
 
     expected = np.random.default_rng(0).integers(0, 3, (13, 17)).astype(np.uint8)  # 0 = pending: no chunk file
     array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
@@ -68,7 +68,7 @@ def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, com
 
 @pytest.mark.parametrize("compressors", ["auto", None])
 def test_states_written_as_copied_chunk_files_read_back_through_zarr(tmp_path, compressors):
-    from pipeline.tile_state import read_tile_states, write_new_states as _write_states
+    from pipeline.store.tile_state import read_tile_states, write_new_states as _write_states
 
     expected = np.random.default_rng(1).integers(0, 3, (13, 17)).astype(np.uint8)
     array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
@@ -132,12 +132,12 @@ def test_interrupted_store_is_not_complete_and_resume_finishes_it_identically(tm
     segment_slide(image, reference, model, tile_size=64)
     partial = tmp_path / "partial.zarr"
     plan = plan_slide(image, partial, model, tile_size=64)
-    from pipeline.engine import read_windows
-    from pipeline.predict import TilePredictor
+    from pipeline.inference.predict import TilePredictor
+    from pipeline.inference.tile_batches import keys_of, read_batch
 
     predictor = TilePredictor.for_grid(model, plan.grid, device="cpu")
     first = plan.tiles[:7]  # a "crash" after 7 tiles
-    for tile, labels in zip(first, predictor(read_windows(plan.slide, plan.grid, first))["labels"]):
+    for tile, labels in zip(first, predictor(read_batch([plan], keys_of(0, first))[0])["labels"]):
         plan.store.write_tile(tile, labels)
     assert dict(zarr.open_group(str(partial), mode="r").attrs["wsi_unet"])["status"] == "running"
     with pytest.raises(OutputExistsError, match="resume"):

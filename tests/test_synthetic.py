@@ -10,8 +10,8 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from pipeline import synthetic
-from pipeline.synthetic import make_demo_slide
+from pipeline.demo import synthetic
+from pipeline.demo.synthetic import make_demo_slide
 
 H, W, MPP, TILE = 1536, 1280, 0.5, 256
 

@@ -8,8 +8,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pipeline import synthetic
-from pipeline.tissue import load_mask_image, tiles_with_tissue, tissue_mask
+from pipeline.demo import synthetic
+from pipeline.slides.tissue import load_mask_image, tiles_with_tissue, tissue_mask
 
 H, W, DS = 1536, 1280, 16
 

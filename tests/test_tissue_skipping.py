@@ -7,8 +7,8 @@ from PIL import Image
 
 from conftest import varied_unet
 from pipeline import open_labels, segment_slide
-from pipeline.store import TILE_DONE, TILE_SKIPPED
-from pipeline.synthetic import make_demo_slide
+from pipeline.store.output_store import TILE_DONE, TILE_SKIPPED
+from pipeline.demo.synthetic import make_demo_slide
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from conftest import shared_file
-from pipeline.slide import read_window
-from unet.training import augment
-from unet.training.data import EpochSampler, PatchGeometry, SampleSpec, cut_sample
-from unet.training.files import detect_label_mode, split_names
-from unet.training.metrics import MetricTotals, adapted_rand_error, rand_error
-from unet.training.weights import (
+from pipeline.slides.sources import read_window
+from pipeline.training import augment
+from pipeline.training.data import EpochSampler, PatchGeometry, SampleSpec, cut_sample
+from pipeline.training.files import detect_label_mode, split_names
+from pipeline.training.metrics import MetricTotals, adapted_rand_error, rand_error
+from pipeline.training.weights import (
     border_weight,
     class_balance_weights,
     instances_from_classes,
@@ -255,11 +255,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ray_train_two_workers_learns_checkpoints_resumes_and_exports(ray_local, tmp_path):
-    from pipeline.engine import segment_slide
-    from pipeline.store import open_labels
+    from pipeline.inference.engine import segment_slide
+    from pipeline.store.output_store import open_labels
     from unet import load_model
-    from unet.training import TrainConfig, fit
+    from pipeline.training import TrainConfig, fit
 
     write_disk_data(tmp_path / "data", 6)
     settings = dict(
@@ -286,8 +287,8 @@ def test_ray_train_two_workers_learns_checkpoints_resumes_and_exports(ray_local,
 
     # the exported best model is a regular artifact that segments a slide
     model = load_model(tmp_path / "exported.pt")
-    assert model.class_names == ["background", "disk"] and model.mpp == 0.5
-    assert model.metadata["val_images"] == ["04", "05"]
+    assert model.card.class_names == ["background", "disk"] and model.card.mpp == 0.5
+    assert model.card.metadata["val_images"] == ["04", "05"]
     slide = np.asarray(Image.open(tmp_path / "data" / "images" / "05.png"))
     segment_slide(slide[..., None], tmp_path / "out.zarr", model, tile_size=16)
     labels = np.asarray(open_labels(tmp_path / "out.zarr")[:])
@@ -325,8 +326,8 @@ def test_whole_slide_patches_are_sampled_on_tissue(tmp_path):
     import tifffile
     import zarr
 
-    from unet.training import TrainConfig
-    from unet.training.build import build_data, build_dataset, build_model
+    from pipeline.training import TrainConfig
+    from pipeline.training.build import build_data, build_dataset, build_model
 
     rng = np.random.default_rng(0)
     size = 512
@@ -363,7 +364,7 @@ def test_whole_slide_patches_are_sampled_on_tissue(tmp_path):
 def test_in_process_local_mode_resumes_from_its_own_checkpoint(tmp_path):
     """num_workers=0 runs the loop in this process (Ray Train local mode); the loop keeps its last state in
     the run directory so a rerun still resumes."""
-    from unet.training import TrainConfig, fit
+    from pipeline.training import TrainConfig, fit
 
     write_disk_data(tmp_path / "data", 3, size=32)
     settings = dict(data=[str(tmp_path / "data")], val_files=["02"], base_channels=4, depth=2, output_size=16,

@@ -25,6 +25,7 @@ def test_paper_forward_pass_really_gives_388():
     ids=["depth1", "depth2", "depth3", "depth4", "depth3-bilinear-bn"],
 )
 def test_halo_matches_impulse_measurement(config):
+    torch.manual_seed(0)  # 2-channel layers: some random inits leave a path dead (no gradient reaches the halo)
     model = UNet(base_channels=2, **config).eval()
     assert measure_halo(model) == model.halo
 

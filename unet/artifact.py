@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from unet.model import UNet, UNetConfig
+from unet.model import ModelCard, UNet, UNetConfig
 
 FORMAT = "wsi-unet-model"
 FORMAT_VERSION = 1
@@ -109,8 +109,8 @@ def load_model(
 ) -> UNet:
     """Rebuild the model saved by :func:`save_model` on the CPU; it comes back in eval mode.
 
-    The artifact's extras are on the model: ``class_names``, ``mpp``, ``metadata`` and ``checksum``
-    (sha256 of the file, for provenance). ``max_bytes`` / ``max_parameters`` default to
+    The artifact's extras are on the model's card, ``model.card`` (:class:`unet.model.ModelCard`): class
+    names, µm/px, metadata and the file's sha256 (for provenance). ``max_bytes`` / ``max_parameters`` default to
     ``$WSI_MAX_MODEL_BYTES`` / ``$WSI_MAX_MODEL_PARAMETERS``, else 2 GiB / 500 million. Any file that is
     not a sound artifact within those limits raises a one-line :class:`ModelArtifactError`.
     """
@@ -138,10 +138,10 @@ def load_model(
         model.load_state_dict(state)
     except (RuntimeError, NotImplementedError) as error:
         raise _refuse(path, f"weights do not load into the stored architecture: {_first_line(error)}") from None
-    model.class_names = list(payload["class_names"])
-    model.mpp = None if payload["mpp"] is None else float(payload["mpp"])
-    model.metadata = metadata
-    model.checksum = file_sha256(path)
+    model.card = ModelCard(
+        class_names=list(payload["class_names"]), mpp=None if payload["mpp"] is None else float(payload["mpp"]),
+        checksum=file_sha256(path), metadata=metadata,
+    )  # fmt: skip
     return model.eval()
 
 
@@ -266,8 +266,8 @@ def _describe(tensor: torch.Tensor, stored: bool = True) -> str:
 def model_checksum(model: torch.nn.Module) -> str:
     """The artifact's sha256 when the model was loaded from one, else a sha256 of its weights and config
     (so a store can tell which model made it even for models that never touched a file)."""
-    if getattr(model, "checksum", None):
-        return model.checksum
+    if model.card.checksum:
+        return model.card.checksum
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

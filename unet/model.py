@@ -8,7 +8,6 @@ must be even before each 2x2 pooling) and the alignment ``2**depth`` its tile or
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -19,6 +18,18 @@ from torch.nn import functional as F
 
 Padding = Literal["valid", "same"]
 UpMode = Literal["transpose", "bilinear"]
+
+
+@dataclass
+class ModelCard:
+    """What a model carries besides its weights, declared (not glued on): class names, the µm/px of the images
+    it was trained on, the sha256 of the artifact it was loaded from, free metadata. Filled by
+    ``unet.load_model``; a model built in code has an empty card."""
+
+    class_names: list[str] | None = None
+    mpp: float | None = None
+    checksum: str | None = None
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,8 @@ class UNet(nn.Module):
         elif kwargs:
             raise TypeError("pass either a UNetConfig or keyword arguments, not both")
         self.config = config
+        self.card = ModelCard()
+        self._smallest_input: int | None = None
         pad = 0 if config.padding == "valid" else 1
         ch = [config.base_channels * 2**i for i in range(config.depth + 1)]
         self.register_buffer("input_mean", _channel_buffer(config.input_mean, config.in_channels))
@@ -254,12 +267,14 @@ class UNet(nn.Module):
             )
         return input_size
 
-    @functools.cache
     def _smallest_valid_input(self) -> int:
-        size = 1
-        while not self.is_valid_input_size(size):
-            size += 1
-        return size
+        """Found once per model and kept on it (a ``functools.cache`` on the method would keep every model alive)."""
+        if self._smallest_input is None:
+            size = 1
+            while not self.is_valid_input_size(size):
+                size += 1
+            self._smallest_input = size
+        return self._smallest_input
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -1,0 +1,306 @@
+"""In-process overlap-tile engine: slide -> tiles -> U-Net -> valid centres -> OME-Zarr mosaic.
+
+``segment_slide`` is the reference executor; the Ray job runs the very same pieces (``plan_slide``,
+``TilePredictor``, ``OutputStore.write_tile``) on CPU workers and GPU actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.slides.geometry import Tile, TileGrid, tile_grid_for_model
+from pipeline.inference.predict import TilePredictor
+from pipeline.inference.tile_batches import TileProgress, keys_of, read_batch, tiled_region_logits, write_batch
+from pipeline.slides.resolution import open_for_segmentation
+from pipeline.slides.pyramid import open_slide
+from pipeline.slides.sources import SlideLimits, SlideSource
+from pipeline.store.locking import StoreLock
+from pipeline.store.output_store import (
+    TILE_DONE, TILE_PENDING, TILE_SKIPPED, OutputStore, create_output_store, open_existing_store,
+)  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlidePlan:
+    """One slide's facts, decided before its first tile runs; every executor and stage takes them from here.
+
+    The slide (source, level, ``level0_downsample``), the tile grid (the model's geometry), the store and
+    whether it holds probabilities, the checksum of the model the plan was made for, and the tiles still to
+    run (the Ray stages get the plan without that list: the stream of tile descriptors carries it)."""
+
+    slide: SlideSource
+    grid: TileGrid
+    store: OutputStore
+    tiles: list[Tile]  # tiles still to run
+    skipped: int  # tiles not run because they hold no tissue
+    already_done: int  # tiles finished by an earlier (resumed) run
+    complete: bool = False  # the store was already complete before this run: nothing to do, kept as it is
+    probabilities: bool = False  # the store has probabilities/0: the predictor makes them, write_tile writes them
+    model_checksum: str = ""  # the model the grid and the store were made for (unet.artifact.model_checksum)
+
+    @property
+    def level0_downsample(self) -> float:
+        return self.slide.level0_downsample
+
+    def finalize(self) -> None:
+        """Build the pyramid and mark the store complete; only once every tile is in (checked on disk)."""
+        if not self.complete:
+            self.store.finalize()
+
+    def result(
+        self, tiles_run: int, seconds: float, error: str | None = None, model_seconds: float = 0.0
+    ) -> "SegmentResult":
+        """The slide's outcome: complete, or ``error`` (one line: why it failed)."""
+        return SegmentResult(
+            slide=self.slide.path or self.slide.name, output=self.store.path, shape=self.grid.shape,
+            level=self.slide.level, mpp=self.slide.mpp, tiles_total=len(self.grid), tiles_run=tiles_run,
+            tiles_skipped=self.skipped, seconds=seconds, error=error, tiles_done_earlier=self.already_done,
+            kept=self.complete, model_seconds=model_seconds,
+        )  # fmt: skip
+
+
+@dataclass
+class SegmentResult:
+    """What one slide's run produced: ``ok`` (its store is complete) or ``error`` (one line: why not).
+
+    ``tiles_done_earlier``: tiles an earlier run had finished (> 0: this run resumed it); ``kept``: the
+    output was already complete, so this run left it as it was. ``model_seconds``: time in the model's
+    forward passes; ``model_busy`` (its share of ``seconds``) says how well the pipeline fed the model."""
+
+    slide: str
+    output: str
+    shape: tuple[int, int]
+    level: int
+    mpp: float | None
+    tiles_total: int
+    tiles_run: int
+    tiles_skipped: int
+    seconds: float
+    error: str | None = None  # None: the slide is complete
+    tiles_done_earlier: int = 0
+    kept: bool = False
+    model_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        """For people (tables, logs, the run report): "complete" or "failed: <reason>"."""
+        return "complete" if self.ok else f"failed: {self.error}"
+
+    @property
+    def resumed(self) -> bool:
+        return self.tiles_done_earlier > 0
+
+    @property
+    def model_busy(self) -> float:
+        return self.model_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.shape[0] * self.shape[1] / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status, "resumed": self.resumed,
+                "mpx_per_s": round(self.megapixels_per_second, 4), "model_busy": round(self.model_busy, 4)}  # fmt: skip
+
+
+def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+    if isinstance(model, (str, Path)):
+        from unet import load_model
+
+        return load_model(model)
+    return model
+
+
+def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk: int, probabilities: bool,
+               tissue: str = "none") -> dict:  # fmt: skip
+    import dask
+    import zarr
+
+    from unet.artifact import model_checksum
+
+    return {
+        "source": slide.path or slide.name,
+        "level": slide.level,
+        "shape": list(grid.shape),
+        "mpp": slide.mpp,
+        "level0_downsample": slide.level0_downsample,  # level-0 px per stored px (GeoJSON export)
+        "pixels": slide.pixels,  # how they were read: a store resumed by a later version must read them alike
+        "tile_size": grid.tile_size,
+        "chunk": chunk,
+        "halo": grid.halo,
+        "input_size": grid.input_size,
+        "probabilities": probabilities,
+        "tissue": tissue,
+        "model_config": model.config.to_dict(),
+        "model_checksum": model_checksum(model),
+        "class_names": class_names_of(model),
+        "model_mpp": model.card.mpp,
+        "software": {
+            "wsi-unet": software_version(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "zarr": zarr.__version__,
+            "dask": dask.__version__,
+        },
+    }
+
+
+def software_version() -> str:
+    """This project's version, from the installed package's metadata (pyproject.toml), for provenance."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wsi-unet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def class_names_of(model: torch.nn.Module) -> list[str]:
+    names = model.card.class_names
+    return list(names) if names else ["background"] + [f"class_{i}" for i in range(1, model.num_classes)]
+
+
+def plan_slide(
+    source: Any,
+    out_path: str | Path,
+    model: torch.nn.Module,
+    *,
+    tile_size: int = 256,
+    level: int | None = None,
+    target_mpp: float | None = None,
+    require_mpp: bool = False,
+    chunk: int | None = None,
+    mpp: float | None = None,
+    probabilities: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    tissue_mask: Any = None,
+    replace_other_slides: bool = True,
+    limits: SlideLimits | None = None,
+) -> SlidePlan:
+    """Open the slide, lay out the tiles and create (or reopen, with ``resume``) the output store.
+
+    The caller holds the store's lock (:class:`pipeline.store.locking.StoreLock`). ``require_mpp``: a slide
+    without µm/px metadata is an error for ``target_mpp`` instead of falling back to level 0.
+    """
+    slide = open_for_segmentation(source, level, target_mpp, mpp, require_mpp=require_mpp)
+    in_channels = model.config.in_channels
+    if slide.shape[2] != in_channels:
+        raise ValueError(
+            f"{slide.path or slide.name}: has {slide.shape[2]} channels but the model expects {in_channels}"
+        )
+    chunk = chunk or tile_size
+    grid = tile_grid_for_model(model, slide.size, tile_size, chunk)
+    (limits or SlideLimits()).check(slide.path or slide.name, slide.size, len(grid))  # before any per-tile work
+    from pipeline.slides.tissue_tiles import describe_tissue_option, slide_tissue_mask, split_tissue_tiles
+
+    meta = provenance(slide, grid, model, chunk, probabilities, describe_tissue_option(tissue_mask))
+    store = open_existing_store(out_path, grid, meta, overwrite=overwrite, resume=resume,
+                                replace_other_slides=replace_other_slides)  # fmt: skip
+    if store is None:
+        mask, skipped = None, []
+        if tissue_mask is not None:  # before the store exists: a failed read leaves nothing behind
+            mask = slide_tissue_mask(slide, tissue_mask)
+            _, skipped = split_tissue_tiles(grid, list(grid), mask)
+        store = create_output_store(
+            out_path, grid, chunk=chunk, class_names=class_names_of(model), mpp=slide.mpp, provenance=meta,
+            probabilities=probabilities, tissue_mask=mask, skipped=skipped,
+        )  # fmt: skip
+    states = store.tile_states()
+    pending = [tile for tile in grid if states[tile.row, tile.col] == TILE_PENDING]
+    return SlidePlan(
+        slide, grid, store, pending, skipped=int((states == TILE_SKIPPED).sum()),
+        already_done=int((states == TILE_DONE).sum()), complete=store.status == "complete",
+        probabilities=probabilities, model_checksum=meta["model_checksum"],
+    )  # fmt: skip
+
+
+def segment_slide(
+    source: Any,
+    out_path: str | Path,
+    model: torch.nn.Module | str | Path,
+    tile_size: int = 256,
+    level: int | None = None,
+    batch_size: int = 4,
+    *,
+    target_mpp: float | None = None,
+    chunk: int | None = None,
+    mpp: float | None = None,
+    device: str = "auto",
+    amp: str | None = None,
+    probabilities: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    tissue_mask: Any = None,
+    progress: bool = False,
+) -> SegmentResult:
+    """Segment one slide in-process and write the OME-Zarr mosaic to ``out_path``.
+
+    ``source``: a slide path (OpenSlide formats, TIFF, Zarr) or an (H, W[, C]) uint8 array.
+    ``model``: a :class:`unet.UNet` or the path of a saved artifact. ``tile_size``: output side per tile,
+    a multiple of the model's alignment (``chunk``, the Zarr chunk, defaults to it). ``level``: the pyramid
+    level (default 0), or ``target_mpp``: segment at that µm/px (best level, resampled if needed). ``amp``: None (float32),
+    "bf16", "fp16" or "auto". Opt-in: ``resume`` (finish an interrupted store), ``tissue_mask`` (True to
+    detect tissue, or a boolean mask image; tiles without tissue are not read and stay background).
+    """
+    started = time.perf_counter()
+    model = resolve_model(model)
+    with StoreLock(out_path) as lock:
+        plan = plan_slide(
+            source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
+            probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
+        )  # fmt: skip
+        plan.store.lock_token = lock.token
+        busy = run_tiles(
+            plan, model, batch_size, device=device, amp=amp, probabilities=probabilities, progress=progress
+        )
+        plan.finalize()
+    result = plan.result(len(plan.tiles), time.perf_counter() - started, model_seconds=busy)
+    logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
+    return result
+
+
+def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, device: str = "auto",
+              amp: str | None = None, probabilities: bool = False, progress: bool = False) -> float:  # fmt: skip
+    """Read, predict and write every pending tile of ``plan`` in this process, through the same tile-batch
+    path as the Ray stages (reads one batch ahead, raises at the first failed tile); returns the seconds
+    spent in the model."""
+    predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=probabilities)
+    bar = TileProgress(plan, progress)
+    plans, done = [plan], 0
+    batches = [keys_of(0, plan.tiles[start : start + batch_size]) for start in range(0, len(plan.tiles), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as reader:  # read the next batch while this one runs
+        upcoming = reader.submit(read_batch, plans, batches[0], raise_errors=True) if batches else None
+        for index, keys in enumerate(batches):
+            windows, errors = upcoming.result()
+            if index + 1 < len(batches):
+                upcoming = reader.submit(read_batch, plans, batches[index + 1], raise_errors=True)
+            output = predictor(windows)
+            write_batch(plans, keys, output["labels"], output.get("probabilities"), errors, raise_errors=True)
+            done += len(keys)
+            bar.update(len(keys), done, predictor.busy_seconds)
+    bar.close()
+    return predictor.busy_seconds
+
+
+def tiled_logits(source: Any, model: torch.nn.Module, tile_size: int, level: int = 0, batch_size: int = 4) -> np.ndarray:
+    """Assemble the tiled float32 logits (K, H, W) in memory, through the same geometry, reader and tile
+    function as :func:`segment_slide`; for checking exactness against :func:`whole_image_logits`."""
+    slide = open_slide(source, level)
+    grid = tile_grid_for_model(model, slide.size, tile_size)
+    return tiled_region_logits(slide, grid, TilePredictor.for_grid(model, grid, device="cpu"), batch_size=batch_size)
