@@ -8,7 +8,7 @@
 - :mod:`pipeline.demo`       synthetic slides and the end-to-end demo
 
 Dependencies point one way: slides <- store <- inference <- (training, demo); analysis reads store and
-slides; everything may import :mod:`unet` (the model alone), which imports nothing from here.
+slides; inference, training and the demo use :mod:`unet` (the model alone), which imports nothing from here.
 Public names are imported on first use, so light modules (``pipeline.demo.synthetic``,
 ``pipeline.slides.tissue``, ``pipeline.slides.geometry``) load without torch.
 """

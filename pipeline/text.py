@@ -46,5 +46,5 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequ
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(row, widths, right)).rstrip()
              for row in table]  # fmt: skip
-    lines.insert(1, "-" * max(len(line) for line in lines))
+    lines.insert(1, "-" * len(lines[0]))  # under the header: a long last cell (a failure reason) does not widen it
     return "\n".join(lines)

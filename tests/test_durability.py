@@ -163,3 +163,15 @@ def test_a_store_overwritten_in_the_same_process_syncs_its_new_folders_again(tmp
         plan.store.write_tile(plan.tiles[0], np.ones((64, 64), np.uint8))
         level0 = path / LABELS_PATH / "0"
         assert spy.synced(level0 / "c") and spy.synced(level0), f"run {seed}: {spy.paths}"
+
+
+def test_atomic_file_removes_the_temps_of_killed_writers_only(tmp_path):
+    from pipeline.store.durability import atomic_file
+
+    dead = tmp_path / ".slide.tiff.9999999-deadbeef.partial"  # above the largest pid Linux allows: no such process
+    live = tmp_path / f".slide.tiff.{os.getpid()}-cafecafe.partial"
+    dead.write_bytes(b"half"), live.write_bytes(b"half")
+    with atomic_file(tmp_path / "slide.tiff") as tmp:
+        tmp.write_bytes(b"whole")
+    assert (tmp_path / "slide.tiff").read_bytes() == b"whole"
+    assert not dead.exists() and live.exists()

@@ -76,6 +76,9 @@ def save_model(
     model = getattr(model, "module", model)  # unwrap DDP / DataParallel
     if not isinstance(model, UNet):
         raise TypeError(f"save_model expects a unet.UNet, got {type(model).__name__}")
+    class_names = class_names or model.card.class_names  # re-saving a loaded model keeps what its card says
+    mpp = model.card.mpp if mpp is None else mpp
+    metadata = metadata or dict(model.card.metadata)
     class_names = list(class_names) if class_names else [f"class_{i}" for i in range(model.num_classes)]
     if len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} classes")

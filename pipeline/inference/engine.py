@@ -266,9 +266,7 @@ def segment_slide(
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
         )  # fmt: skip
         plan.store.lock_token = lock.token
-        busy = run_tiles(
-            plan, model, batch_size, device=device, amp=amp, probabilities=probabilities, progress=progress
-        )
+        busy = run_tiles(plan, model, batch_size, device=device, amp=amp, progress=progress)
         plan.finalize()
     result = plan.result(len(plan.tiles), time.perf_counter() - started, model_seconds=busy)
     logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
@@ -276,11 +274,11 @@ def segment_slide(
 
 
 def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, device: str = "auto",
-              amp: str | None = None, probabilities: bool = False, progress: bool = False) -> float:  # fmt: skip
+              amp: str | None = None, progress: bool = False) -> float:  # fmt: skip
     """Read, predict and write every pending tile of ``plan`` in this process, through the same tile-batch
     path as the Ray stages (reads one batch ahead, raises at the first failed tile); returns the seconds
     spent in the model."""
-    predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=probabilities)
+    predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=plan.probabilities)
     bar = TileProgress(plan, progress)
     plans, done = [plan], 0
     batches = [keys_of(0, plan.tiles[start : start + batch_size]) for start in range(0, len(plan.tiles), batch_size)]

@@ -246,7 +246,8 @@ def build_dataset(plans: Sequence[SlidePlan], model: torch.nn.Module, options: R
         batch_size=block,
         batch_format="numpy",
     )  # fmt: skip
-    return ds.map_batches(WriteTiles(plans), batch_size=None, batch_format="numpy")
+    writers = [replace(plan, slide=None) for plan in plans]  # they write stores; an in-memory slide stays behind
+    return ds.map_batches(WriteTiles(writers), batch_size=None, batch_format="numpy")
 
 
 class _SlideProgress:

@@ -61,7 +61,9 @@ def write_batch(plans: Sequence[Any], keys: Sequence[TileKey], labels: np.ndarra
             continue
         plan = plans[index]
         try:
-            probs = probabilities[k] if plan.probabilities and probabilities is not None else None
+            if plan.probabilities and probabilities is None:
+                raise ValueError(f"{plan.store.path}: its store holds probabilities but the predictor made none")
+            probs = probabilities[k] if plan.probabilities else None
             plan.store.write_tile(plan.grid.tile(row, col), labels[k], probs)
         except Exception as error:  # full disk, permissions, a lost lock, ...
             if raise_errors:

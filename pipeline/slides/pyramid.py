@@ -146,7 +146,8 @@ class OpenSlideHandles:
     """Open OpenSlide handles per process, at most ``size`` (least recently used closed first).
 
     OpenSlide latches an error on its handle, so a failed read must reopen that file; :meth:`drop` forgets
-    one file's handle and keeps every other slide's."""
+    one file's handle and keeps every other slide's. Handles are forgotten, never closed: another thread of
+    the same reader may still be reading through one (openslide-python closes it once nobody holds it)."""
 
     def __init__(self, size: int = 16) -> None:
         self.size, self.handles = size, OrderedDict()
@@ -163,14 +164,12 @@ class OpenSlideHandles:
         with self.lock:
             self.handles[path] = handle
             while len(self.handles) > self.size:
-                self.handles.popitem(last=False)[1].close()
+                self.handles.popitem(last=False)
         return handle
 
     def drop(self, path: str) -> None:
         with self.lock:
-            handle = self.handles.pop(path, None)
-        if handle is not None:
-            handle.close()
+            self.handles.pop(path, None)
 
 
 openslide_handle = OpenSlideHandles()

@@ -12,6 +12,7 @@ Every sync goes through :func:`fsync_path`, so a test can record which paths wer
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 from contextlib import contextmanager
@@ -116,6 +117,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     on failure removed: readers see the old file or the whole new one, never a part. The temp name is this
     process's own (``.<name>.<pid>-<random>.partial``), so concurrent writers never share it."""
     path = Path(path)
+    _remove_dead_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         yield tmp
@@ -123,6 +125,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Remove temp files of ``path`` left by killed writers on this host (their pid is gone), so kill -9 during a
+    big write (a demo slide, a checkpoint) does not leave gigabytes behind; a live writer's temp is kept."""
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = temp.name[len(path.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and os.path.exists("/proc/self"):
+            temp.unlink(missing_ok=True)
 
 
 def durable_replace(source: str | os.PathLike, target: str | os.PathLike) -> None:

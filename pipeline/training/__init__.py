@@ -11,8 +11,8 @@ Modules: ``weights`` (w_c and the border weight map), ``augment`` (elastic, flip
 run by each Ray Train worker) and ``trainer`` (``fit``: TorchTrainer on the driver).
 
 It lives in :mod:`pipeline` because it applies the model to slides (reads, tissue, tiling) and validates
-with the inference predictor. May import: :mod:`pipeline.slides`, :mod:`pipeline.inference` (the
-predictor), :mod:`unet`, torch, Ray Train. Nothing in :mod:`pipeline` imports training but ``jobs/``.
+with the inference predictor. May import: :mod:`pipeline.slides`, :mod:`pipeline.store` (atomic files),
+:mod:`pipeline.inference` (the predictor and tile-batch path), :mod:`unet`, torch, Ray Train. Nothing in :mod:`pipeline` imports training but ``jobs/``.
 """
 
 from pipeline.training.config import TrainConfig

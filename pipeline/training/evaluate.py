@@ -47,8 +47,12 @@ def predict_region(
     tile_size = max(model.alignment, tile_size // model.alignment * model.alignment)
     grid = tile_grid_for_model(model, (height, width), tile_size)
     amp = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, channels_last=channels_last)
-    return tiled_region_logits(image, grid, predictor, origin=(y0, x0), batch_size=batch_size)
+    benchmark = torch.backends.cudnn.benchmark  # the predictor turns cuDNN autotuning on; training keeps its own
+    try:
+        predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, channels_last=channels_last)
+        return tiled_region_logits(image, grid, predictor, origin=(y0, x0), batch_size=batch_size)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def evaluate(
