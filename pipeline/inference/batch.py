@@ -145,7 +145,8 @@ def segment_batch(
                 if result.ok and _wants_preview(result):
                     _preview(plan, Path(result.output))
     order = {str(item): i for i, item in enumerate([item for item, _ in problems] + [str(s) for s in slides])}
-    results = sorted(batch.failures + ran, key=lambda r: order.get(r.slide, len(order)))  # the order of the inputs
+    # results in the order of the inputs: those naming no slide first, then each slide
+    results = sorted(batch.failures + ran, key=lambda r: order.get(r.slide, len(order)))
     all_settings = {**asdict(config), **asdict(options), "ray_address": address or "local", "inputs": list(slide_inputs)}
     all_settings["tissue_mask"] = None if config.tissue_mask is None else str(config.tissue_mask)
     try:
