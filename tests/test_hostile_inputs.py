@@ -204,8 +204,7 @@ def test_a_late_taker_puts_back_the_lock_it_did_not_judge(tmp_path):
 def test_a_job_that_lost_its_lock_stops_writing(tmp_path):
     store_path = tmp_path / "s.zarr"
     lock = StoreLock(store_path, heartbeat=0.05).acquire()
-    plan = plan_slide(random_image(128, 128), store_path, varied_unet(), tile_size=64, mpp=0.5)
-    plan.store.lock_token = lock.token
+    plan = plan_slide(random_image(128, 128), store_path, varied_unet(), tile_size=64, mpp=0.5, lock_token=lock.token)
     tile = plan.tiles[0]
     plan.store.write_tile(tile, np.ones((64, 64), np.uint8))
     rival = {"host": "other-host", "pid": 1, "start": None, "since": time.time(), "token": "rival"}

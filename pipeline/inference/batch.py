@@ -96,9 +96,8 @@ def plan_batch(
                 slide, output, model, tile_size=config.tile_size, level=config.level, target_mpp=target_mpp,
                 require_mpp=config.target_mpp is not None, probabilities=config.probabilities,
                 overwrite=config.overwrite, resume=config.resume, tissue_mask=config.tissue_mask,
-                replace_other_slides=False, limits=config.limits,
+                replace_other_slides=False, limits=config.limits, lock_token=lock.token,
             ))  # fmt: skip
-            batch.plans[-1].store.lock_token = lock.token  # its writers stop if another job takes the lock over
             locks.callback(lock.release)
         except Exception as error:  # missing, unopenable, output exists, wrong level or channels, ...
             lock.release()

@@ -192,6 +192,7 @@ def plan_slide(
     tissue_mask: Any = None,
     replace_other_slides: bool = True,
     limits: SlideLimits | None = None,
+    lock_token: str | None = None,
 ) -> SlidePlan:
     """Open the slide, lay out the tiles and create (or reopen, with ``resume``) the output store.
 
@@ -221,6 +222,7 @@ def plan_slide(
             out_path, grid, chunk=chunk, class_names=class_names_of(model), mpp=slide.mpp, provenance=meta,
             probabilities=probabilities, tissue_mask=mask, skipped=skipped,
         )  # fmt: skip
+    store.lock_token = lock_token  # the caller's StoreLock: the store's writers stop if another job takes it over
     states = store.tile_states()
     pending = [tile for tile in grid if states[tile.row, tile.col] == TILE_PENDING]
     return SlidePlan(
@@ -264,8 +266,8 @@ def segment_slide(
         plan = plan_slide(
             source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
+            lock_token=lock.token,
         )  # fmt: skip
-        plan.store.lock_token = lock.token
         busy = run_tiles(plan, model, batch_size, device=device, amp=amp, progress=progress)
         plan.finalize()
     result = plan.result(len(plan.tiles), time.perf_counter() - started, model_seconds=busy)

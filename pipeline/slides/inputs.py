@@ -37,14 +37,14 @@ def expand_inputs(
     seen: set[Path] = set()
     in_folder = kind.in_folder or kind.is_item
     for item in inputs:
-        named = _expand_one(item, kind, in_folder, problems)
-        kept = [path for path in named if excluded is None or not _inside(path.resolve(), excluded)]
+        named = [(path, path.resolve()) for path in _expand_one(item, kind, in_folder, problems)]
+        kept = [(path, real) for path, real in named if excluded is None or not _inside(real, excluded)]
         if named and not kept:  # all it names is output: the output folder was given as input
             problems.append((item, f"{item}: inside the output folder {exclude} (outputs are never inputs); "
                                    f"put the {kind.plural} and the outputs in different folders"))  # fmt: skip
-        for path in kept:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
+        for path, real in kept:
+            if real not in seen:
+                seen.add(real)
                 found.append(path)
     return found, problems
 

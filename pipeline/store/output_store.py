@@ -103,12 +103,12 @@ class OutputStore:
     def _sync(self, name: str, box: tuple[int, int, int, int]) -> None:
         sync_region(Path(self.path, name), self._array(name), box, self._named)
 
-    def check_lock(self) -> None:
+    def check_lock(self, force: bool = False) -> None:
         """Raise :class:`~pipeline.store.locking.StoreLockLostError` if another job took this store's lock over.
 
         Only for stores written under a lock (``lock_token`` set by the batch); checked at most every
         ``LOCK_CHECK_SECONDS`` per process, so a job that lost its lock stops writing within seconds."""
-        if self.lock_token is None or time.monotonic() < self._lock_checked + LOCK_CHECK_SECONDS:
+        if self.lock_token is None or (not force and time.monotonic() < self._lock_checked + LOCK_CHECK_SECONDS):
             return
         check_lock_owner(self.path, self.lock_token)
         self._lock_checked = time.monotonic()
@@ -122,8 +122,7 @@ class OutputStore:
         missing = int((states == TILE_PENDING).sum())
         if missing:
             raise RuntimeError(f"{self.path}: {missing} tiles are not written yet; not marking it complete")
-        self._lock_checked = -LOCK_CHECK_SECONDS  # checked now, not up to LOCK_CHECK_SECONDS ago
-        self.check_lock()
+        self.check_lock(force=True)  # now, not up to LOCK_CHECK_SECONDS ago
         for level in build_pyramid(self.path):  # level 0 and tiles/state were synced tile by tile
             sync_tree(Path(self.path, LABELS_PATH, str(level)))
         root = self.root
