@@ -9,7 +9,6 @@ to 16 gigapixels is memory bounded by the stream, not by the slide.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -38,7 +37,9 @@ def run_job(slide: Path, model: Path, out: Path, tile_size: int, batch_size: int
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} exited with {code}; see {log}")
-    report = json.loads((out / "run-report.json").read_text())
+    from pipeline.inference.report import read_run_report
+
+    report = read_run_report(out)
     (slide_report,) = report["slides"]
     return {"wall_s": wall, "report": slide_report, "memory": memory.as_dict(), "command": command}
 

@@ -14,7 +14,9 @@ Sections (``--sections``, default all):
               torch.compile, CUDA graphs, end to end; on a machine without CUDA only the FLOP count runs
   reads       input windows per second at level 0 and at a non-integer level 1: OpenSlide regions (the reader
               before native reads) vs the native TIFF reader (1 and default decode threads) vs tifffile via zarr
-  durability  cost of the fsyncs per tile written, per store created and per finalize (same writes, fsync on/off)
+  durability  cost of the fsyncs per shard written, per store created and per finalize (same writes, fsync on/off)
+  cohort      N slides (copies of one) in one job: time to the first tile and slide, the driver's peak memory,
+              files per gigapixel, wall vs the slides' own times; a big slide's planning and after-last-tile work
 
 Slides and models are generated once into --workdir (keep it between runs); results go to
 benchmarks/results/bench-<time>.json unless --json is given.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability")
+SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability", "cohort")
 TITLES = {
     "efficiency": "(a) Pipeline efficiency: end-to-end ÷ bare forward",
     "peer": "(b) Peer comparison: MONAI sliding_window_inference, same model, same image",
@@ -38,7 +40,8 @@ TITLES = {
     "tissue": "(d) Tissue skipping on a ~30 % tissue slide",
     "gpu": "(e) GPU: paper U-Net in bf16",
     "reads": "(f) Slide reads: OpenSlide regions (before) vs native tiles (after)",
-    "durability": "(g) Durability: the cost of fsync per tile, store creation and finalize",
+    "durability": "(g) Durability: the cost of fsync per shard, store creation and finalize",
+    "cohort": "(h) Cohorts: N slides in one command (first tile, driver memory, files per gigapixel)",
 }
 
 
@@ -71,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gpu-batches", type=int, nargs="+", default=None, help="GPU batch sizes (default 1 4 16)")
     add("--gpu-slide-gpx", type=float, default=4.0, help="GPU end-to-end slide size in gigapixels (default 4)")
     add("--read-windows", type=int, default=None, help="windows per level and reader in the reads section (2000)")
+    add("--cohort-sizes", type=int, nargs="+", default=None, help="slides per cohort run (default 100 1000 2000)")
+    add("--cohort-slide-side", type=int, default=None, help="side of each cohort slide in px (default 2048)")
+    add("--cohort-big-gpx", type=float, default=None,
+        help="gigapixels of the big slide whose planning and after-last-tile work are timed (default 15; 0: none)")
     return p.parse_args(argv)
 
 
@@ -83,6 +90,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.gpu_tiles = args.gpu_tiles or ([388] if quick else [388, 900, 1284, 1668, 2052])
     args.gpu_batches = args.gpu_batches or ([1, 2] if quick else [1, 4, 16])
     args.read_windows = args.read_windows or (100 if quick else 2000)
+    args.cohort_sizes = args.cohort_sizes or ([4, 8] if quick else [100, 1000, 2000])
+    args.cohort_slide_side = args.cohort_slide_side or (512 if quick else 2048)
+    args.cohort_big_gpx = (0.0 if quick else 15.0) if args.cohort_big_gpx is None else args.cohort_big_gpx
     return args
 
 
@@ -116,7 +126,13 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
     if name == "durability":
         from benchmarks import durability
 
-        return durability.run(workdir, side=min(args.slide_size, 4096), tile_size=args.tile_size)
+        return durability.run(workdir, side=min(args.slide_size, 8192), tile_size=args.tile_size)
+    if name == "cohort":
+        from benchmarks import cohort
+
+        return cohort.run(workdir, args.cohort_sizes, slide_side=args.cohort_slide_side, model_kind=args.memory_model,
+                          default_model=args.model_path, tile_size=args.tile_size, batch_size=args.batch_size,
+                          big_gigapixels=args.cohort_big_gpx, mosaic_base=args.mosaic_base)  # fmt: skip
     from benchmarks import gpu
 
     return gpu.run(workdir, tiles=args.gpu_tiles, batches=args.gpu_batches, peak_tflops=args.peak_tflops,

@@ -5,7 +5,7 @@
     python jobs/segment_slides.py SLIDES|DIRS|GLOBS ... --out DIR [--model ARTIFACT] [options]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/segment_slides.py ...
 
-Each slide gives DIR/<slide stem>.zarr; a per-slide table is printed and DIR/run-report.json written.
+Each slide gives DIR/<slide stem>.zarr; a per-slide table is printed and DIR/run-reports/<UTC time>-<pid>.jsonl written (a line per slide as it finishes).
 A slide that cannot be found, opened, read or written is reported on one line and the others still run;
 the exit status is 1 if any slide failed or the run report could not be written (2 for usage errors).
 Rerunning the same command resumes where it stopped. The logic lives in ``pipeline``.
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segment_slides.py",
         description="Segment whole-slide images with a U-Net on Ray (exact overlap-tile inference) and write "
-        "one OME-Zarr mosaic per slide to DIR/<slide stem>.zarr, a summary table and DIR/run-report.json.",
+        "one OME-Zarr mosaic per slide to DIR/<slide stem>.zarr, a summary table and a run report under DIR/run-reports/.",
     )
     add = parser.add_argument
     # fmt: off
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "by more than 5%%; slides without µm/px metadata fall back to level 0 with a warning")
     add("--tile-size", type=int, default=256, metavar="T",
         help="output tile side in pixels, a multiple of the model's alignment 2**depth (default: %(default)s)")
+    add("--shard-tiles", type=int, default=None, metavar="K",
+        help="tiles per side of a shard, the unit of work and of writing: one file per shard and level (default: "
+        "shards of about 4096 px, 16 tiles of 256)")
     add("--batch-size", type=int, default=4, metavar="B",
         help="tiles per forward pass on each actor (default: %(default)s)")
     add("--actors", type=int, default=1, metavar="N",
@@ -125,7 +128,7 @@ def options_from(args: argparse.Namespace, model: Any):
     config = BatchConfig(
         tile_size=args.tile_size, level=args.level, target_mpp=args.mpp, probabilities=args.probabilities,
         overwrite=args.overwrite, tissue_mask=tissue_mask_option(args),
-        previews=not args.no_preview, limits=limits,
+        previews=not args.no_preview, limits=limits, shard_tiles=args.shard_tiles,
     )  # fmt: skip
     options = RayOptions(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,

@@ -52,7 +52,7 @@ def make_store(
 ) -> Path:  # fmt: skip
     """A complete store holding ``mask`` at level 0, as the pipeline writes it (pyramid, status, provenance).
 
-    Tiles are 8 x 8 chunks (the pipeline allows any whole multiple): few ``tiles/state`` files to write.
+    Tiles are 8 x 8 chunks (the pipeline allows any whole multiple), one tile per shard.
     """
     tile = 8 * chunk
     grid = TileGrid(tuple(mask.shape), tile, 0, 1, tile, 0)
@@ -62,7 +62,7 @@ def make_store(
         path, grid, chunk=chunk, class_names=class_names, mpp=mpp, provenance=info, tissue_mask=tissue_mask
     )
     store.labels()[...] = mask
-    zarr.open_array(f"{path}/tiles/state", mode="r+")[...] = 1
+    zarr.open_array(f"{path}/shards/done", mode="r+")[...] = 1
     mark_complete(path, mask)
     return Path(path)
 

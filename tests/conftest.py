@@ -89,7 +89,7 @@ def assert_same_results(actual: Path, expected: Path, probabilities: bool = Fals
     what two executors of the same plan must give, whatever their files' timestamps or metadata order."""
     assert zarr.open_group(str(actual), mode="r").attrs["wsi_unet"]["status"] == "complete"
     arrays = [f"labels/segmentation/{level.name}" for level in sorted(Path(expected, "labels", "segmentation").iterdir())
-              if level.is_dir()] + ["tiles/state"] + (["probabilities/0"] if probabilities else [])  # fmt: skip
+              if level.is_dir()] + ["tiles/tissue", "shards/done"] + (["probabilities/0"] if probabilities else [])  # fmt: skip
     assert len(arrays) > 1
     for array in arrays:
         a, e = (zarr.open_array(f"{store}/{array}", mode="r")[...] for store in (actual, expected))
@@ -116,9 +116,13 @@ def torch_threads(count: int):
 
 
 def tile_states_written(store: Path) -> int:
-    """Tiles recorded done or skipped so far: one ``tiles/state`` chunk file each (read while a run writes)."""
-    folder = Path(store) / "tiles" / "state" / "c"
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    """Tiles recorded done (their shard is) or skipped (no tissue) so far, read while a run writes."""
+    from pipeline.store.shard_state import TILE_PENDING, read_tile_states
+
+    try:
+        return int((read_tile_states(store) != TILE_PENDING).sum())
+    except Exception:  # not created yet, or being renamed into place
+        return 0
 
 
 # --------------------------------------------------------------------------- a slide with non-integer downsamples

@@ -39,17 +39,17 @@ def descends_from(pid: int, ancestor: int) -> bool:
 
 
 def model_actor_pids() -> list[int]:
-    """Processes of Ray Data's map actors (``ray::MapWorker(...)``) in this cluster only.
+    """Processes of the model actors (``ray::ShardActor``) in this cluster only.
 
     Only descendants of this process (the cluster's raylets started them): a Ray job of someone else on the same
-    machine has MapWorkers too, and killing those is not this test's business.
+    machine may have such actors too, and killing those is not this test's business.
     """
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="ignore")
-                if title.startswith("ray::") and "MapWorker" in title and descends_from(int(entry), os.getpid()):
+                if title.startswith("ray::") and "ShardActor" in title and descends_from(int(entry), os.getpid()):
                     pids.append(int(entry))
             except OSError:
                 continue
@@ -89,7 +89,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from pipeline.inference.engine import plan_slide
-    from pipeline.inference.ray_runner import segment_slides_ray
+    from pipeline.inference.scheduler import segment_slides_ray
     from unet import load_model
 
     env = {"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}}
@@ -97,8 +97,8 @@ def main() -> None:
     node_a = cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
     model = load_model(args.model)
-    plan = plan_slide(args.slide, args.out, model, tile_size=256)
-    log: dict = {"tiles": len(plan.tiles)}
+    plan = plan_slide(args.slide, args.out, model, tile_size=256, shard_tiles=2)
+    log: dict = {"tiles": plan.tiles_to_run}
     results: list = []
     run = threading.Thread(  # the run in a thread: adding and removing nodes must happen on the main thread
         target=lambda: results.extend(segment_slides_ray([plan], model, actors=1, batch_size=2, progress=False)),

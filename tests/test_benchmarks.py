@@ -157,9 +157,10 @@ def test_reads_section_times_every_reader_and_sees_the_old_one_is_not_exact(tmp_
 
 def test_durability_section_counts_the_fsyncs_it_times(tmp_path):
     """The job's writes sync files and folders (the no-op pass makes the same calls, which do nothing)."""
-    section = durability.run(tmp_path, side=512, tile_size=128, repeats=1)
+    section = durability.run(tmp_path, side=512, tile_size=128, repeats=1, shard_tiles=2)
     rows = {(row[0], row[1]): row for row in section["rows"]}
-    assert rows[("write tile", "on (the job)")][4] >= 4  # the chunk and its folder, then the state and its folder
-    assert rows[("write tile", "off (no-op)")][4] == rows[("write tile", "on (the job)")][4]
+    assert rows[("write shard", "on (the job)")][2] == 4  # 2 x 2 shards
+    assert rows[("write shard", "on (the job)")][4] >= 4  # the shard and its folder, then its mark and its folder
+    assert rows[("write shard", "off (no-op)")][4] == rows[("write shard", "on (the job)")][4]
     assert rows[("create store", "on (the job)")][4] > 5 and rows[("finalize", "on (the job)")][4] > 1
     common.markdown_table(section["columns"], section["rows"])

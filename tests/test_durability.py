@@ -2,7 +2,7 @@
 
 kill -9 tests cannot see a missing fsync (the page cache survives a killed process), so these tests record
 every ``os.fsync`` (the path of its descriptor) and pin that each write a later step relies on is synced
-before that step: a tile's chunk files (and the folders naming them) before its "done" state, the state
+before that step: a shard's files (and the folders naming them) before its "done" mark, the mark
 itself, the pyramid and ``zarr.json`` when the store becomes complete, a new store's whole tree before it is
 renamed into place, and the folder of every rename.
 """
@@ -17,8 +17,9 @@ import pytest
 
 from conftest import random_image, varied_unet
 from pipeline.inference.engine import plan_slide
-from pipeline.inference.report import write_run_report
+from pipeline.inference.report import RunReport
 from pipeline.store.output_store import LABELS_PATH, TILE_DONE
+from pipeline.store.shard_state import DONE_PATH
 
 
 class FsyncSpy:
@@ -54,7 +55,8 @@ def spy(monkeypatch) -> FsyncSpy:
 @pytest.fixture
 def plan(tmp_path):
     image = random_image(200, 150)
-    return plan_slide(image, tmp_path / "s.zarr", varied_unet(), tile_size=64, probabilities=True, mpp=0.5)
+    return plan_slide(image, tmp_path / "s.zarr", varied_unet(), tile_size=64, probabilities=True, mpp=0.5,
+                      shard_tiles=2)
 
 
 class RecordingArray:
@@ -71,34 +73,36 @@ class RecordingArray:
         return getattr(self._array, name)
 
 
-def test_a_tile_is_synced_before_it_is_marked_done(plan, spy):
+def test_a_shard_is_synced_before_it_is_marked_done(plan, spy):
     store = plan.store
-    store._arrays["tiles/state"] = RecordingArray(store._array("tiles/state"), spy)
-    labels = np.random.default_rng(0).integers(1, 3, (64, 64)).astype(np.uint8)  # not the fill value: stored
-    store.write_tile(store.grid.tile(1, 2), labels, np.full((3, 64, 64), 90, np.uint8))
+    store._arrays[DONE_PATH] = RecordingArray(store._array(DONE_PATH), spy)
+    shard = store.grid.shard(0, 1)  # tiles (0..1, 2..3): 128 x 128 px at x = 128
+    h, w = shard.shape
+    labels = np.random.default_rng(0).integers(1, 3, (h, w)).astype(np.uint8)  # not the fill value: stored
+    store.write_shard(shard, labels, np.full((3, h, w), 90, np.uint8))
 
     root = Path(store.path)
-    label_chunk = root / LABELS_PATH / "0" / "c" / "1" / "2"
-    prob_chunk = root / "probabilities" / "0" / "c" / "0" / "1" / "2"
-    state_chunk = root / "tiles" / "state" / "c" / "1" / "2"
+    label_shard = root / LABELS_PATH / "0" / "c" / "0" / "1"
+    prob_shard = root / "probabilities" / "0" / "c" / "0" / "0" / "1"
+    done_chunk = root / DONE_PATH / "c" / "0" / "1"
     before, after = spy.paths[: spy.paths.index("<state written>")], spy.paths[spy.paths.index("<state written>") :]
-    for path in (label_chunk, label_chunk.parent, label_chunk.parent.parent, root / LABELS_PATH / "0",
-                 prob_chunk, prob_chunk.parent, root / "probabilities" / "0"):  # fmt: skip
-        assert str(path) in before, f"{path.relative_to(root)} not synced before the state; synced: {spy.paths}"
-    for path in (state_chunk, state_chunk.parent, root / "tiles" / "state"):
-        assert str(path) in after, f"{path.relative_to(root)} not synced after the state was written"
-    assert store.tile_states()[1, 2] == TILE_DONE
+    for path in (label_shard, label_shard.parent, label_shard.parent.parent, root / LABELS_PATH / "0",
+                 prob_shard, prob_shard.parent, root / "probabilities" / "0"):  # fmt: skip
+        assert str(path) in before, f"{path.relative_to(root)} not synced before the mark; synced: {spy.paths}"
+    for path in (done_chunk, done_chunk.parent, root / DONE_PATH):
+        assert str(path) in after, f"{path.relative_to(root)} not synced after the mark was written"
+    assert (store.tile_states()[0:2, 2:4] == TILE_DONE).all() and (store.tile_states()[2:, :] != TILE_DONE).all()
 
 
 def test_complete_is_written_only_after_the_pyramid_and_then_synced(plan, spy):
     store = plan.store
-    for tile in plan.tiles:
-        store.write_tile(tile, np.ones((64, 64), np.uint8), np.zeros((3, 64, 64), np.uint8))
+    for shard in plan.shards:
+        store.write_shard(shard, np.ones(shard.shape, np.uint8), np.zeros((3, *shard.shape), np.uint8))
     spy.clear()
     store.finalize()
     root = Path(store.path)
     level1 = root / LABELS_PATH / "1"
-    pyramid_files = [p for p in level1.rglob("*") if p.is_file()]
+    pyramid_files = [p for p in (level1 / "c").rglob("*") if p.is_file()]  # its zarr.json: synced at creation
     assert pyramid_files and all(spy.synced(p) for p in pyramid_files)
     assert spy.synced(root / "zarr.json") and spy.synced(root)
     last_pyramid = max(spy.paths.index(str(p)) for p in pyramid_files)
@@ -130,15 +134,20 @@ def test_overwrite_syncs_both_renames(tmp_path, spy):
     assert not any(".replaced-" in p.name or ".creating-" in p.name for p in tmp_path.iterdir())
 
 
-def test_run_report_is_synced_and_its_rename_too(tmp_path, spy):
-    report = write_run_report(tmp_path, [], {}, 0.0, 1.0)
-    assert spy.paths[-2:] == [f"<renamed to {report}>", str(tmp_path)]
-    assert any(p.startswith(str(tmp_path / ".run-report.json.")) for p in spy.paths)  # the temp file's contents
-    assert report.read_text().startswith("{")
+def test_run_report_lines_are_synced_as_they_are_written_and_its_name_too(tmp_path, spy):
+    from pipeline.inference.report import failed_result, read_run_report
+
+    report = RunReport(tmp_path, {"job": "x"}, 0.0)
+    assert spy.synced(report.path) and spy.synced(report.path.parent)  # the settings line, and the new name
+    spy.clear()
+    report.slide(failed_result("a.svs", "-", "a.svs: broken"))
+    assert spy.paths == [str(report.path)]  # each slide's line reaches the disk when the slide is final
+    path = report.finish([], 1.0)
+    assert read_run_report(path)["slides"][0]["slide"] == "a.svs" and read_run_report(tmp_path)["summary"]["slides"] == 0
 
 
 def test_a_store_of_many_files_is_synced_with_one_syncfs_before_its_rename(tmp_path, spy, monkeypatch):
-    """A big slide's store holds one state file per skipped tile: one syncfs of the filesystem, not 100,000 fsyncs."""
+    """A store of more files than ``PER_FILE_LIMIT`` is made durable by one syncfs of the filesystem, not an fsync each."""
     import ctypes
 
     from pipeline.store import durability
@@ -160,7 +169,8 @@ def test_a_store_overwritten_in_the_same_process_syncs_its_new_folders_again(tmp
     for seed in (0, 1):
         spy.clear()
         plan = plan_slide(image, path, varied_unet(seed=seed), tile_size=64, mpp=0.5, overwrite=seed > 0)
-        plan.store.write_tile(plan.tiles[0], np.ones((64, 64), np.uint8))
+        shard = plan.shards[0]
+        plan.store.write_shard(shard, np.ones(shard.shape, np.uint8))
         level0 = path / LABELS_PATH / "0"
         assert spy.synced(level0 / "c") and spy.synced(level0), f"run {seed}: {spy.paths}"
 

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from conftest import (
     JPEG_LS_LOSSLESS, QUIET, assert_identical_stores, error_lines, kill_session, random_image, shared_file, start_job,
     tile_states_written, torch_threads, varied_unet, write_dicom_level,
 )  # fmt: skip
 from conftest import run_job as run_quiet_job
-from pipeline.inference.batch import BatchConfig, plan_batch, segment_batch
+from pipeline.inference.report import read_run_report
+from pipeline.store.shard_state import read_tile_states
+from pipeline.inference.batch import BatchConfig, segment_batch, slide_items
 from pipeline.inference.engine import plan_slide, segment_slide
 from pipeline.store.locking import StoreLock
-from pipeline.inference.ray_runner import RayOptions, segment_slides_ray
+from pipeline.inference.ray_runner import RayOptions
+from pipeline.inference.scheduler import segment_slides_ray
 from pipeline.store.output_store import read_provenance
 from unet import save_model
 
@@ -59,13 +61,14 @@ def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
     store_name = "cmu-1-small-region.zarr"
     reference = tmp_path / "reference"  # what the job writes uninterrupted: the engine with the actor's one thread
     with torch_threads(1):
-        segment_slide(slide, reference / store_name, artifact, tile_size=256, target_mpp=0.5, tissue_mask=True)
-    states = zarr.open_array(f"{reference / store_name}/tiles/state", mode="r")[...]
-    skipped, segmented = int((states == 2).sum()), int((states == 1).sum())  # skipped: written at creation
+        segment_slide(slide, reference / store_name, artifact, tile_size=256, target_mpp=0.5, tissue_mask=True,
+                      shard_tiles=2)
+    states = read_tile_states(reference / store_name)
+    skipped, segmented = int((states == 2).sum()), int((states == 1).sum())  # skipped: known at creation
     for moment, target in (("mid-run", skipped + segmented // 2), ("late", skipped + segmented * 4 // 5)):
         out = tmp_path / moment.replace(" ", "-")
         store = out / store_name
-        running = job(slide, "--out", str(out), "--model", str(artifact),
+        running = job(slide, "--out", str(out), "--model", str(artifact), "--shard-tiles", "2",
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         while running.poll() is None and tile_states_written(store) < target:
             time.sleep(0.05)
@@ -75,21 +78,22 @@ def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
         assert running.returncode == -signal.SIGKILL, f"{moment}: the job ended before it was killed"
         if tile_states_written(store) < skipped + segmented:
             assert read_provenance(store)["status"] == "running", moment  # never looks finished
-        again = run_job(slide, "--out", str(out), "--model", str(artifact))
+        again = run_job(slide, "--out", str(out), "--model", str(artifact), "--shard-tiles", "2")
         assert again.returncode == 0, again.stderr
         assert " earlier " in again.stdout  # the table says it resumed
-        report = json.loads((out / "run-report.json").read_text())
+        report = read_run_report(out)
         assert report["summary"]["resumed"] == [slide] and report["slides"][0]["tiles_done_earlier"] > 0
         assert_identical_stores(store, reference / store_name)
-        assert sorted(p.name for p in out.iterdir()) == [store_name, "run-report.json"]  # no lock, no leftovers
+        assert sorted(p.name for p in out.iterdir()) == [store_name, "run-reports"]  # no lock, no leftovers
+        assert len(list((out / "run-reports").iterdir())) == 2  # the killed run's report is kept, not overwritten
 
 
 # --------------------------------------------------------------------------- worker faults, multi-node
 @pytest.mark.slow
 def test_killed_actor_and_removed_worker_node_still_give_identical_output(artifact, tmp_path):
     """On a 127.0.0.1 cluster of head + worker nodes: SIGKILL the model actor mid-run, then remove the node
-    running the actor and add another; Ray Data restarts the actor and retries the tasks, the idempotent
-    chunk writes make the retries harmless, and the store equals the in-process reference."""
+    running the actor and add another; Ray restarts the actor and retries its shards, the idempotent shard
+    writes make the retries harmless, and the store equals the in-process reference."""
     slide = shared_file("slides/cmu-1-small-region.svs")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
@@ -104,7 +108,7 @@ def test_killed_actor_and_removed_worker_node_still_give_identical_output(artifa
     assert log["removed_node_at_tiles"] < log["tiles"], log
     assert log["status"] == "complete" and log["tiles_run"] == log["tiles"] == 108, log
     with torch_threads(1):  # the actor ran one thread: same reduction order, same bytes
-        segment_slide(slide, tmp_path / "reference.zarr", artifact, tile_size=256)
+        segment_slide(slide, tmp_path / "reference.zarr", artifact, tile_size=256, shard_tiles=2)
     assert_identical_stores(tmp_path / "ray.zarr", tmp_path / "reference.zarr")
 
 
@@ -173,10 +177,9 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
     slide = shared_file("slides/small-16px.svs")
     out = tmp_path / "out"
     with StoreLock(out / "small-16px.zarr"):  # a live job holds it
-        with contextlib.ExitStack() as locks:
-            batch = plan_batch([slide], out, model, BatchConfig(tile_size=256, tissue_mask=None), locks)
-    (entry,) = batch.failures
-    assert not batch.plans and not entry.ok
+        locks: dict = {}
+        (entry,) = slide_items([slide], out, model, BatchConfig(tile_size=256, tissue_mask=None), locks)
+    assert not locks and not entry.ok
     assert entry.status.startswith(f"failed: {slide}: {out / 'small-16px.zarr'}: another job is writing it (host ")
     assert not (out / "small-16px.zarr").exists()
 
@@ -241,7 +244,7 @@ def test_bad_inputs_fail_alone_with_one_line_each_and_good_slides_finish(artifac
     for name, (path, reason) in bad.items():
         mine = [line for line in errors if str(path) in line]
         assert len(mine) == 1 and reason in mine[0], (name, mine, errors)
-    report = json.loads((out / "run-report.json").read_text())
+    report = read_run_report(out)
     failures = {f["slide"]: f["reason"] for f in report["summary"]["failures"]}
     assert set(failures) == {str(path) for path, _ in bad.values()}
     assert all("\n" not in reason for reason in failures.values())

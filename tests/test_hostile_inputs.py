@@ -10,7 +10,6 @@ written, formula-like CSV cells. (Model files: tests/test_hostile_models.py.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -25,12 +24,13 @@ import numpy as np
 import pytest
 
 from conftest import QUIET, random_image, run_job, shared_file, varied_unet
-from pipeline.inference.batch import BatchConfig, plan_batch
+from pipeline.inference.report import read_run_report
+from pipeline.inference.batch import BatchConfig, slide_items
+from pipeline.inference.ray_runner import plan_remote
 from pipeline.inference.engine import plan_slide, segment_slide
 from pipeline.store.locking import StoreLock, StoreLockedError, StoreLockLostError, lock_path_for, read_lock_record
-from pipeline.inference.report import write_run_report
 from pipeline.slides.sources import SlideError, SlideLimits
-from pipeline.store.output_store import read_provenance, remove_stale_siblings
+from pipeline.store.output_store import OutputExistsError, read_provenance, remove_stale_siblings
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "jobs" / "segment_slides.py"
@@ -151,7 +151,7 @@ def test_hostile_slides_fail_alone_through_the_job(hostile_slides, tmp_path):
     for name, (path, words) in hostile_slides.items():
         mine = [line for line in errors if str(path) in line]
         assert len(mine) == 1 and words in mine[0], (name, mine)
-    report = json.loads((out / "run-report.json").read_text())
+    report = read_run_report(out)
     assert {Path(s["slide"]).name: s["status"] for s in report["slides"]}["small-16px.svs"] == "complete"
 
 
@@ -204,16 +204,17 @@ def test_a_late_taker_puts_back_the_lock_it_did_not_judge(tmp_path):
 def test_a_job_that_lost_its_lock_stops_writing(tmp_path):
     store_path = tmp_path / "s.zarr"
     lock = StoreLock(store_path, heartbeat=0.05).acquire()
-    plan = plan_slide(random_image(128, 128), store_path, varied_unet(), tile_size=64, mpp=0.5, lock_token=lock.token)
-    tile = plan.tiles[0]
-    plan.store.write_tile(tile, np.ones((64, 64), np.uint8))
+    plan = plan_slide(random_image(128, 128), store_path, varied_unet(), tile_size=64, mpp=0.5, lock_token=lock.token,
+                      shard_tiles=1)  # fmt: skip
+    first, second = plan.shards[:2]
+    plan.store.write_shard(first, np.ones((64, 64), np.uint8))
     rival = {"host": "other-host", "pid": 1, "start": None, "since": time.time(), "token": "rival"}
     lock.path.write_text(json.dumps(rival))  # another job took the lock over (it judged ours stale)
     assert lock.lost.wait(timeout=5), "the heartbeat did not notice"
     plan.store._lock_checked = -1e9  # the writers' next check (at most LOCK_CHECK_SECONDS later)
     with pytest.raises(StoreLockLostError, match="this job lost its lock .*host other-host"):
-        plan.store.write_tile(plan.tiles[1], np.ones((64, 64), np.uint8))
-    assert plan.store.tile_states()[plan.tiles[1].row, plan.tiles[1].col] == 0  # not marked done
+        plan.store.write_shard(second, np.ones((64, 64), np.uint8))
+    assert not plan.store.done_shards()[second.row, second.col]  # not marked done
     with pytest.raises(StoreLockLostError):
         plan.store.check_lock()  # what finalize checks before it marks the store complete
     lock.release()
@@ -230,14 +231,19 @@ def test_overwrite_never_replaces_another_slides_store_in_a_batch(tmp_path):
         tifffile.imwrite(path, random_image(96, 80, seed=seed), photometric="rgb")
     out, model = tmp_path / "out", varied_unet()
     config = BatchConfig(tile_size=64, level=0, tissue_mask=None, previews=False)
-    with contextlib.ExitStack() as locks:
-        (made,) = plan_batch([first], out, model, config, locks).plans
+    def plan(slide, config):  # what the batch does for one slide: lock its output, plan it (here, not in a task)
+        locks: dict = {}
+        (request,) = slide_items([slide], out, model, config, locks)
+        try:
+            return plan_remote(request, model)
+        finally:
+            for lock in locks.values():
+                lock.release()
+
+    made = plan(first, config)
     assert made.store.path == str(out / "case_7.zarr")
-    with contextlib.ExitStack() as locks:
-        batch = plan_batch([second], out, model, BatchConfig(**{**config.__dict__, "overwrite": True}), locks)
-    (refused,) = batch.failures
-    assert not batch.plans and not refused.ok
-    assert "holds the result of another slide" in refused.error and "site1/case 7.tiff" in refused.error
+    with pytest.raises(OutputExistsError, match="holds the result of another slide.*site1/case 7.tiff"):
+        plan(second, BatchConfig(**{**config.__dict__, "overwrite": True}))
     assert read_provenance(out / "case_7.zarr")["source"] == str(first)
     segment_slide(second, out / "case_7.zarr", model, tile_size=64, overwrite=True)  # named explicitly: allowed
     assert read_provenance(out / "case_7.zarr")["source"] == str(second)
@@ -320,21 +326,25 @@ def test_a_run_report_that_cannot_be_written_fails_the_job(tmp_path):
     blank = tmp_path / "blank.tif"  # all glass: no tile needs the model, so no Ray either
     tifffile.imwrite(blank, np.full((300, 300, 3), 245, np.uint8), photometric="rgb")
     out = tmp_path / "out"
-    (out / "run-report.json").mkdir(parents=True)  # cannot be replaced by a file
+    (out / "run-reports").parent.mkdir(parents=True)
+    (out / "run-reports").write_text("a file where the reports' folder goes")
     done = run_cli(str(blank), "--out", str(out), "--level", "0", timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "run report could not be written" in done.stderr
     assert read_provenance(out / "blank.zarr")["status"] == "complete"
 
 
-def test_concurrent_run_reports_never_share_a_temp_file(tmp_path):
+def test_concurrent_run_reports_never_share_a_file_and_never_overwrite_one(tmp_path):
+    from pipeline.inference.report import RunReport
+
     errors: list[BaseException] = []
+    paths: list[Path] = []
 
     def write_many(tag: str) -> None:
         try:
-            for _ in range(30):
-                write_run_report(tmp_path, [], {"job": tag}, 0.0, 1.0)
-        except BaseException as error:  # a shared temp name shows up as FileNotFoundError on the rename
+            for _ in range(30):  # all in the same second, from one pid: each still gets its own file
+                paths.append(RunReport(tmp_path, {"job": tag}, 0.0).finish([], 1.0))
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=write_many, args=(tag,)) for tag in "ab"]
@@ -342,8 +352,8 @@ def test_concurrent_run_reports_never_share_a_temp_file(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors and json.loads((tmp_path / "run-report.json").read_text())["settings"]["job"] in "ab"
-    assert [p.name for p in tmp_path.iterdir()] == ["run-report.json"]
+    assert not errors and len(set(paths)) == 60 and len(list((tmp_path / "run-reports").iterdir())) == 60
+    assert all(read_run_report(path)["settings"]["job"] in "ab" for path in paths)
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):

@@ -111,4 +111,4 @@ def test_ray_job_submit_segments_several_slides_exactly(head_node, tmp_path):
         assert dict(zarr.open_group(str(store), mode="r").attrs["wsi_unet"])["status"] == "complete"
         reference = segment_slide(slide, tmp_path / f"ref-{slide.stem}.zarr", model, tile_size=256)
         assert np.array_equal(open_labels(store)[...], open_labels(reference.output)[...])
-    assert (out / "run-report.json").exists()
+    assert list((out / "run-reports").glob("*.jsonl"))

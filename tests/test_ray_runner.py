@@ -7,7 +7,6 @@ other thread counts a handful of uint8 probabilities can round the other way (la
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -20,8 +19,10 @@ import pytest
 import zarr
 
 from conftest import assert_same_results, run_job, shared_file, torch_threads, varied_unet
-from pipeline.inference.engine import plan_slide, segment_slide
-from pipeline.inference.ray_runner import Predict, RayOptions, ReadWindows, check_plans, interleave, segment_slides_ray
+from pipeline.inference.report import read_run_report
+from pipeline.inference.engine import plan_slide, run_tiles, segment_slide
+from pipeline.inference.ray_runner import RayOptions, ShardActor
+from pipeline.inference.scheduler import check_plans, pick_slide, segment_slides_ray
 from pipeline.store.output_store import read_provenance
 from pipeline.text import one_line
 from pipeline.inference.report import expand_slide_inputs, failed_result, format_table, output_path_for
@@ -126,7 +127,7 @@ def test_bad_slide_fails_alone(ray_local, model, references, tmp_path):
     ]
     shutil.rmtree(tmp_path / "gone.zarr")  # its writes fail
     good, bad, boxes, gone = segment_slides_ray(plans, model, progress=False)
-    assert gone.status.startswith("failed: 2 of 2 tiles failed: ") and "\n" not in gone.status, gone.status
+    assert gone.status.startswith(f"failed: writing {tmp_path / 'gone.zarr'}: ") and "\n" not in gone.status, gone.status
     assert bad.status.startswith("failed: ") and "\n" not in bad.status, bad.status
     assert bad.tiles_run == 0
     assert read_provenance(tmp_path / "bad.zarr")["status"] == "running"  # never finalized
@@ -162,19 +163,26 @@ def test_nothing_to_run_finalizes_without_ray(model, tmp_path):
     with torch_threads(1):
         segment_slide(shared_file("slides/small-16px.svs"), tmp_path / "s.zarr", model, tile_size=256)
     plan = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "s.zarr", model, tile_size=256, resume=True)
-    assert plan.tiles == [] and plan.already_done == 1
+    assert plan.shards == [] and plan.already_done == 1
     [result] = segment_slides_ray([plan], model, progress=False)
     assert result.status == "complete" and result.tiles_run == 0
 
 
 # --------------------------------------------------------------------------- pieces without Ray
-def test_interleave_round_robin(model, tmp_path):
-    big = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "a.zarr", model, tile_size=256)
+def test_slots_go_to_the_oldest_slide_but_never_all_of_them_while_another_waits():
+    assert pick_slide([(0, 0)], slots=4) == 0
+    assert pick_slide([(3, 7)], slots=8) == 3  # alone: it may take every slot
+    assert pick_slide([(0, 1), (1, 0)], slots=4) == 0  # oldest first
+    assert pick_slide([(0, 2), (1, 0), (2, 0)], slots=4) == 1  # a giant slide holds half: the next one gets it
+    assert pick_slide([(0, 2), (1, 2)], slots=4) == 0  # all at the cap: oldest (the run has no slot left anyway)
+
+
+def test_plans_share_geometry_and_model_and_options_are_checked(model, tmp_path):
+    big = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "a.zarr", model, tile_size=128,
+                     shard_tiles=4)  # fmt: skip
     small = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "b.zarr", model, tile_size=256)
-    items = interleave([big, small], 2)
-    assert len(items) == len(big.tiles) + 1
-    assert [i["slide"] for i in items[:5]] == [0, 0, 1, 0, 0]
-    assert {(i["row"], i["col"]) for i in items if i["slide"] == 0} == {(t.row, t.col) for t in big.tiles}
+    assert big.tiles_to_run == len(big.grid) and len(big.shards) == big.grid.shard_rows * big.grid.shard_cols
+    assert sorted((t.row, t.col) for s in big.shards for t in s.tiles) == sorted((t.row, t.col) for t in big.grid)
     other = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "c.zarr", model, tile_size=128)
     with pytest.raises(ValueError, match="same tile geometry"):
         check_plans([small, other], model)
@@ -211,24 +219,18 @@ class _Recorder:
             self.spans.append((started, time.perf_counter()))
 
 
-def test_a_cpu_actor_reads_beside_its_forward_passes_but_runs_them_one_at_a_time(model, tmp_path):
-    """Two calls in flight on one actor: each reads its own windows, forward passes never overlap, a block is
-    cut into forward batches of ``batch_size``, and the labels are the in-process predictor's."""
-    from pipeline.inference.predict import TilePredictor
-    from pipeline.inference.tile_batches import keys_of, read_batch
-
-    plan = plan_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "a.zarr", model, tile_size=128)
-    tiles = plan.tiles[:20]
-    reader = _Recorder(ReadWindows([plan]))
-    actor = Predict(model, plan.grid, "cpu", None, False, False, batch_size=4, threads=1, reader=reader)
+def test_a_cpu_actor_runs_two_shards_at_once_but_one_forward_pass_at_a_time(model, tmp_path):
+    """Two calls in flight on one actor: each reads and writes its own shard, forward passes never overlap, a
+    shard is cut into forward batches of ``batch_size``, and the store equals the in-process engine's."""
+    image = shared_file("slides/cmu-1-small-region.svs")
+    plan = plan_slide(image, tmp_path / "a.zarr", model, tile_size=128, shard_tiles=3, tissue_mask=None)
+    actor = ShardActor(model, 128, "cpu", None, False, False, batch_size=4, threads=1)
     forward = actor.predictor = _Recorder(actor.predictor)
-    blocks = [tiles[:10], tiles[10:]]  # 10 tiles each: forward batches of 4, 4 and 2
-    results = [None, None]
+    shards = plan.shards[:2]  # 9 tiles each: forward batches of 4, 4 and 1
+    outcomes = [None, None]
 
     def call(k):
-        block = {"slide": np.zeros(10, dtype=np.int64), "row": np.array([t.row for t in blocks[k]]),
-                 "col": np.array([t.col for t in blocks[k]])}  # fmt: skip
-        results[k] = actor(block)
+        outcomes[k] = actor.run(plan, shards[k])
 
     with torch_threads(1):
         threads = [threading.Thread(target=call, args=(k,)) for k in (0, 1)]
@@ -236,14 +238,14 @@ def test_a_cpu_actor_reads_beside_its_forward_passes_but_runs_them_one_at_a_time
             thread.start()
         for thread in threads:
             thread.join()
-        expected = TilePredictor.for_grid(model, plan.grid, device="cpu")
-        for k in (0, 1):
-            windows, _ = read_batch([plan], keys_of(0, blocks[k]))
-            want = np.concatenate([expected(windows[i : i + 4])["labels"] for i in range(0, 10, 4)])
-            assert np.array_equal(results[k]["labels"], want)
-            assert "window" not in results[k] and list(results[k]["error"]) == [""] * 10
+        reference = plan_slide(image, tmp_path / "b.zarr", model, tile_size=128, shard_tiles=3, tissue_mask=None)
+        run_tiles(reference, model, 4, device="cpu")
+    assert [o.error for o in outcomes] == [None, None] and [o.tiles for o in outcomes] == [9, 9]
     assert forward.most == 1, "two forward passes ran at once"
-    assert len(forward.spans) == 6 and reader.most == 2  # both calls were reading at the same time
+    assert len(forward.spans) == 6
+    done, want = zarr.open_array(f"{tmp_path}/a.zarr/labels/segmentation/0")[...], \
+        zarr.open_array(f"{tmp_path}/b.zarr/labels/segmentation/0")[...]  # fmt: skip
+    assert np.array_equal(done[:384, :768], want[:384, :768])
 
 
 def test_report_helpers(tmp_path):
@@ -312,7 +314,7 @@ def test_cli_end_to_end(model, tmp_path):
     assert lines[0].endswith(f": {missing}: no such slide file or directory; check the path")
     store = out / "small-16px.zarr"
     assert read_provenance(store)["status"] == "complete"
-    report = json.loads((out / "run-report.json").read_text())
+    report = read_run_report(out)
     summary = report["summary"]
     assert (summary["slides"], summary["complete"], summary["failed"], summary["resumed"], summary["kept"]) == (2, 1, 1, [], [])
     assert summary["failures"] == [{"slide": str(missing), "reason": f"{missing}: no such slide file or directory; check the path"}]
@@ -332,7 +334,7 @@ def test_cli_end_to_end(model, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "kept" in again.stdout and "complete" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
-    summary = json.loads((out / "run-report.json").read_text())["summary"]
+    summary = read_run_report(out)["summary"]
     assert summary["kept"] == [str(slide)] and summary["resumed"] == []
 
     # Another model on the same output: refused with a clear reason, the store untouched.

@@ -93,7 +93,7 @@ from conftest import random_image
 from pipeline import segment_slide
 from unet import load_model
 segment_slide(random_image(300, 420, seed=2), {out!r}, load_model({model!r}), tile_size=32, batch_size=2,
-              tissue_mask=np.indices((30, 42)).sum(0) > 12, resume={resume})
+              tissue_mask=np.indices((30, 42)).sum(0) > 12, resume={resume}, shard_tiles=2)
 """
 
 
@@ -110,7 +110,7 @@ def test_kill_9_then_resume_gives_a_byte_identical_store(tmp_path, moment):
     save_model(varied_unet(5), model_path, class_names=["bg", "a", "b"], mpp=0.5)
     reference = tmp_path / "reference.zarr"
     assert run_engine(reference, model_path, resume=False).wait() == 0
-    total = tile_states_written(reference)  # tiles done or skipped: one state file each
+    total = tile_states_written(reference)  # tiles done (their shard is) or skipped
 
     crashed = tmp_path / "crashed.zarr"
     job = run_engine(crashed, model_path, resume=False)
@@ -211,7 +211,7 @@ def test_a_store_from_before_native_reads_resumes_only_where_its_reads_were_exac
     old = {k: v for k, v in root.attrs["wsi_unet"].items() if k != "pixels"}
     root.attrs["wsi_unet"] = old
     if resumable:
-        assert plan_slide(slide, store, varied_unet(), tile_size=32, level=level, resume=True).tiles == plan.tiles
+        assert plan_slide(slide, store, varied_unet(), tile_size=32, level=level, resume=True).shards == plan.shards
     else:
         with pytest.raises(OutputExistsError, match=r"old.zarr: cannot resume.*level 2 with a sub-pixel shift.*--overwrite"):
             plan_slide(slide, store, varied_unet(), tile_size=32, level=level, resume=True)

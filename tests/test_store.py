@@ -10,7 +10,8 @@ import zarr
 from conftest import random_image, varied_unet
 from pipeline import OutputExistsError, open_labels, segment_slide, tile_grid_for_model
 from pipeline.inference.engine import plan_slide
-from pipeline.store.output_store import TILE_DONE, build_pyramid, pyramid_shapes
+from pipeline.store.label_pyramid import build_pyramid, pyramid_shapes
+from pipeline.store.output_store import TILE_DONE
 
 
 @pytest.fixture
@@ -33,13 +34,13 @@ def test_store_opens_with_ome_zarr_reader_and_dask(result_path):
     assert (labels[::2, ::2].compute() == open_labels(result_path, 1)[...]).all()
 
 
-@pytest.mark.parametrize("chunks_per_block", [1, 3, 16])
-def test_every_pyramid_level_is_every_other_pixel_of_the_level_below(result_path, chunks_per_block):
-    """Odd sides (175 -> 88) and blocks that end inside the level: the pyramid is exactly level[::2, ::2]."""
+@pytest.mark.parametrize("threads", [1, 4])
+def test_every_pyramid_level_is_every_other_pixel_of_the_level_below(result_path, threads):
+    """Odd sides (175 -> 88) and shards that end inside the level: the pyramid is exactly level[::2, ::2]."""
     levels = zarr.open_group(str(result_path / "labels" / "segmentation"), mode="r+")
     for level in range(1, 4):
         levels[str(level)][...] = 7  # anything build_pyramid fails to overwrite shows
-    build_pyramid(result_path, chunks_per_block=chunks_per_block)
+    build_pyramid(result_path, threads=threads)
     expected = open_labels(result_path, 0)[...]
     for level in range(1, 4):
         expected = expected[::2, ::2]
@@ -53,32 +54,40 @@ def test_result_says_how_much_of_the_run_the_model_was_busy(tmp_path):
 
 
 @pytest.mark.parametrize("compressors", ["auto", None])
-def test_tile_states_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, compressors):
-    from pipeline.store.tile_state import read_tile_states
+def test_done_shards_read_from_the_chunk_files_equal_zarrs_reading(tmp_path, compressors):
+    from pipeline.store.shard_state import DONE_PATH, read_done_shards
 
-    expected = np.random.default_rng(0).integers(0, 3, (13, 17)).astype(np.uint8)  # 0 = pending: no chunk file
-    array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
+    expected = np.random.default_rng(0).integers(0, 2, (13, 17)).astype(np.uint8)  # 0 = not done: no chunk file
+    array = zarr.create_array(str(tmp_path / "s.zarr" / DONE_PATH), shape=expected.shape, chunks=(1, 1),
                               dtype="uint8", fill_value=0, compressors=compressors)  # fmt: skip
     array[...] = expected
-    (tmp_path / "s.zarr" / "tiles" / "state" / "c" / "3" / "4.partial").write_bytes(b"junk")  # a temp file is skipped
-    states = read_tile_states(tmp_path / "s.zarr")
-    assert states.dtype == np.uint8 and np.array_equal(states, expected)
-    assert np.array_equal(states, zarr.open_array(str(tmp_path / "s.zarr" / "tiles" / "state"), mode="r")[...])
+    (tmp_path / "s.zarr" / DONE_PATH / "c" / "3" / "4.partial").write_bytes(b"junk")  # a temp file is skipped
+    done = read_done_shards(tmp_path / "s.zarr")
+    assert np.array_equal(done, expected == 1)
+    stored = [p for p in (tmp_path / "s.zarr" / DONE_PATH / "c").rglob("*") if p.is_file() and p.name.isdigit()]
+    assert len(stored) == int(expected.sum())  # shards not done have no file
 
 
-@pytest.mark.parametrize("compressors", ["auto", None])
-def test_states_written_as_copied_chunk_files_read_back_through_zarr(tmp_path, compressors):
-    from pipeline.store.tile_state import read_tile_states, write_new_states as _write_states
+def test_a_tile_is_done_with_its_shard_and_skipped_without_tissue():
+    from pipeline.store.shard_state import TILE_PENDING, TILE_SKIPPED, tile_states
 
-    expected = np.random.default_rng(1).integers(0, 3, (13, 17)).astype(np.uint8)
-    array = zarr.create_array(str(tmp_path / "s.zarr" / "tiles" / "state"), shape=expected.shape, chunks=(1, 1),
-                              dtype="uint8", fill_value=0, compressors=compressors)  # fmt: skip
-    _write_states(array, tmp_path / "s.zarr", expected)
-    assert np.array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "tiles" / "state"), mode="r")[...], expected)
-    assert np.array_equal(read_tile_states(tmp_path / "s.zarr"), expected)
-    stored = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s.zarr" / "tiles" / "state" / "c").rglob("*")
-                    if p.is_file())  # fmt: skip
-    assert len(stored) == int((expected != 0).sum())  # pending tiles (the fill value) have no file
+    tissue = np.ones((5, 7), bool)
+    tissue[4, :] = False
+    done = np.array([[True, False, False, True], [False, False, False, False], [False, True, False, False]])
+    states = tile_states(tissue, done, shard_tiles=2)
+    assert (states[:2, :2] == TILE_DONE).all() and (states[:2, 6] == TILE_DONE).all()
+    assert (states[4] == TILE_SKIPPED).all() and states[2, 2] == TILE_PENDING and states[4, 2] == TILE_SKIPPED
+    assert int((states == TILE_DONE).sum()) == 4 + 2  # shard (2, 1) is done but its one tile row has no tissue
+
+
+def test_a_store_has_one_file_per_shard_not_per_tile(tmp_path):
+    """A 1024 x 768 slide of 64-px tiles (192 tiles) in shards of 4 x 4 tiles: 12 label shards, 12 done marks."""
+    segment_slide(random_image(1024, 768), tmp_path / "s.zarr", varied_unet(), tile_size=64, shard_tiles=4, mpp=0.5)
+    level0 = [p for p in (tmp_path / "s.zarr" / "labels" / "segmentation" / "0" / "c").rglob("*") if p.is_file()]
+    done = [p for p in (tmp_path / "s.zarr" / "shards" / "done" / "c").rglob("*") if p.is_file()]
+    assert len(level0) == len(done) == 12
+    labels = zarr.open_array(str(tmp_path / "s.zarr" / "labels" / "segmentation" / "0"), mode="r")
+    assert labels.chunks == (64, 64) and labels.shards == (256, 256)  # small inner chunks for viewers
 
 
 def test_metadata_has_physical_scale_classes_and_provenance(result_path):
@@ -129,21 +138,21 @@ def test_existing_output_is_never_silently_overwritten(result_path):
 def test_interrupted_store_is_not_complete_and_resume_finishes_it_identically(tmp_path):
     model, image = varied_unet(), random_image(300, 400, seed=4)
     reference = tmp_path / "ref.zarr"
-    segment_slide(image, reference, model, tile_size=64)
+    segment_slide(image, reference, model, tile_size=64, shard_tiles=2)
     partial = tmp_path / "partial.zarr"
-    plan = plan_slide(image, partial, model, tile_size=64)
+    plan = plan_slide(image, partial, model, tile_size=64, shard_tiles=2)
     from pipeline.inference.predict import TilePredictor
-    from pipeline.inference.tile_batches import keys_of, read_batch
+    from pipeline.inference.tile_batches import run_shard
 
     predictor = TilePredictor.for_grid(model, plan.grid, device="cpu")
-    first = plan.tiles[:7]  # a "crash" after 7 tiles
-    for tile, labels in zip(first, predictor(read_batch([plan], keys_of(0, first))[0])["labels"]):
-        plan.store.write_tile(tile, labels)
+    first = plan.shards[:3]  # a "crash" after 3 shards (12 tiles)
+    for shard in first:
+        run_shard(plan, shard, predictor, batch_size=4)
     assert dict(zarr.open_group(str(partial), mode="r").attrs["wsi_unet"])["status"] == "running"
     with pytest.raises(OutputExistsError, match="resume"):
-        segment_slide(image, partial, model, tile_size=64)
-    result = segment_slide(image, partial, model, tile_size=64, resume=True)
-    assert result.tiles_run == result.tiles_total - 7
+        segment_slide(image, partial, model, tile_size=64, shard_tiles=2)
+    result = segment_slide(image, partial, model, tile_size=64, resume=True, shard_tiles=2)
+    assert result.tiles_run == result.tiles_total - 12 and result.tiles_done_earlier == 12
     assert (plan.store.tile_states() == TILE_DONE).all()
     assert (open_labels(partial)[...] == open_labels(reference)[...]).all()
     with pytest.raises(OutputExistsError, match="other settings.*tile_size"):

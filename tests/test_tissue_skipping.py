@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import varied_unet
 from pipeline import open_labels, segment_slide
-from pipeline.store.output_store import TILE_DONE, TILE_SKIPPED
+from pipeline.store.shard_state import TILE_DONE, TILE_SKIPPED, read_tile_states
 from pipeline.demo.synthetic import make_demo_slide
 
 
@@ -23,7 +23,7 @@ def test_tiles_without_tissue_are_skipped_and_stay_background(demo_slide, tmp_pa
     assert full.tiles_run == full.tiles_total == 8 * 12
     assert 0 < masked.tiles_run < masked.tiles_total and masked.tiles_skipped == masked.tiles_total - masked.tiles_run
     root = zarr.open_group(str(tmp_path / "masked.zarr"), mode="r")
-    states = root["tiles/state"][...]
+    states = read_tile_states(tmp_path / "masked.zarr")
     assert (states == TILE_DONE).sum() == masked.tiles_run and (states == TILE_SKIPPED).sum() == masked.tiles_skipped
     assert root["tissue/mask"].shape[0] > 0 and root["tissue/mask"][...].any()
     labels, reference = open_labels(tmp_path / "masked.zarr")[...], open_labels(tmp_path / "full.zarr")[...]
@@ -40,6 +40,6 @@ def test_a_user_mask_image_replaces_detection(demo_slide, tmp_path):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     result = segment_slide(demo_slide.slide_path, tmp_path / "o.zarr", varied_unet(), tile_size=128,
                            tissue_mask=tmp_path / "mask.png")  # fmt: skip
-    states = zarr.open_array(str(tmp_path / "o.zarr/tiles/state"), mode="r")[...]
+    states = read_tile_states(tmp_path / "o.zarr")
     assert result.tiles_run == (states == TILE_DONE).sum() == 8 * 6 + 8  # left half, plus the dilated border column
     assert (states[:, 7:] == TILE_SKIPPED).all()

@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.slides.geometry import Tile, TileGrid, tile_grid_for_model
+from pipeline.slides.geometry import Shard, TileGrid, default_shard_tiles, tile_grid_for_model
 from pipeline.inference.predict import TilePredictor
-from pipeline.inference.tile_batches import TileProgress, keys_of, read_batch, tiled_region_logits, write_batch
+from pipeline.inference.tile_batches import (
+    TileProgress, predict_shard, read_shard, tiled_region_logits, write_shard,
+)  # fmt: skip
 from pipeline.slides.resolution import open_for_segmentation
 from pipeline.slides.pyramid import open_slide
 from pipeline.slides.sources import SlideLimits, SlideSource
 from pipeline.store.locking import StoreLock
-from pipeline.store.output_store import (
-    TILE_DONE, TILE_PENDING, TILE_SKIPPED, OutputStore, create_output_store, open_existing_store,
-)  # fmt: skip
+from pipeline.store.output_store import OutputStore, create_output_store, open_existing_store
+from pipeline.store.shard_state import TILE_DONE, TILE_PENDING, TILE_SKIPPED
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,22 @@ class SlidePlan:
     """One slide's facts, decided before its first tile runs; every executor and stage takes them from here.
 
     The slide (source, level, ``level0_downsample``), the tile grid (the model's geometry), the store and
-    whether it holds probabilities, the checksum of the model the plan was made for, and the tiles still to
-    run (the Ray stages get the plan without that list: the stream of tile descriptors carries it)."""
+    whether it holds probabilities, the checksum of the model the plan was made for, and the shards still to
+    run, each with its tissue tiles (the Ray stages get the plan without that list: each task names its shard)."""
 
     slide: SlideSource
     grid: TileGrid
     store: OutputStore
-    tiles: list[Tile]  # tiles still to run
+    shards: list[Shard]  # shards still to run, each with its tiles to run
     skipped: int  # tiles not run because they hold no tissue
     already_done: int  # tiles finished by an earlier (resumed) run
     complete: bool = False  # the store was already complete before this run: nothing to do, kept as it is
     probabilities: bool = False  # the store has probabilities/0: the predictor makes them, write_tile writes them
     model_checksum: str = ""  # the model the grid and the store were made for (unet.artifact.model_checksum)
+
+    @property
+    def tiles_to_run(self) -> int:
+        return sum(len(shard.tiles) for shard in self.shards)
 
     @property
     def level0_downsample(self) -> float:
@@ -127,7 +132,7 @@ def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
 
 
 def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk: int, probabilities: bool,
-               tissue: str = "none") -> dict:  # fmt: skip
+               tissue: str = "none", requested: dict | None = None) -> dict:  # fmt: skip
     import dask
     import zarr
 
@@ -142,10 +147,12 @@ def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk
         "pixels": slide.pixels,  # how they were read: a store resumed by a later version must read them alike
         "tile_size": grid.tile_size,
         "chunk": chunk,
+        "shard_tiles": grid.shard_tiles,
         "halo": grid.halo,
         "input_size": grid.input_size,
         "probabilities": probabilities,
         "tissue": tissue,
+        "requested": requested or {},  # the level / µm/px asked for: a rerun keeps a complete store by it alone
         "model_config": model.config.to_dict(),
         "model_checksum": model_checksum(model),
         "class_names": class_names_of(model),
@@ -193,11 +200,13 @@ def plan_slide(
     replace_other_slides: bool = True,
     limits: SlideLimits | None = None,
     lock_token: str | None = None,
+    shard_tiles: int | None = None,
 ) -> SlidePlan:
     """Open the slide, lay out the tiles and create (or reopen, with ``resume``) the output store.
 
     The caller holds the store's lock (:class:`pipeline.store.locking.StoreLock`). ``require_mpp``: a slide
-    without µm/px metadata is an error for ``target_mpp`` instead of falling back to level 0.
+    without µm/px metadata is an error for ``target_mpp`` instead of falling back to level 0. ``shard_tiles``:
+    tiles per shard side (default: shards of about 4096 pixels, see :data:`~pipeline.slides.geometry.SHARD_SIDE`).
     """
     slide = open_for_segmentation(source, level, target_mpp, mpp, require_mpp=require_mpp)
     in_channels = model.config.in_channels
@@ -206,25 +215,26 @@ def plan_slide(
             f"{slide.path or slide.name}: has {slide.shape[2]} channels but the model expects {in_channels}"
         )
     chunk = chunk or tile_size
-    grid = tile_grid_for_model(model, slide.size, tile_size, chunk)
+    grid = tile_grid_for_model(model, slide.size, tile_size, chunk, shard_tiles or default_shard_tiles(tile_size))
     (limits or SlideLimits()).check(slide.path or slide.name, slide.size, len(grid))  # before any per-tile work
-    from pipeline.slides.tissue_tiles import describe_tissue_option, slide_tissue_mask, split_tissue_tiles
+    from pipeline.slides.tissue_tiles import describe_tissue_option, slide_tissue_mask, tissue_tiles
 
-    meta = provenance(slide, grid, model, chunk, probabilities, describe_tissue_option(tissue_mask))
+    requested = {"level": level, "target_mpp": target_mpp}
+    meta = provenance(slide, grid, model, chunk, probabilities, describe_tissue_option(tissue_mask), requested)
     store = open_existing_store(out_path, grid, meta, overwrite=overwrite, resume=resume,
                                 replace_other_slides=replace_other_slides)  # fmt: skip
     if store is None:
-        mask, skipped = None, []
+        mask, tissue = None, None
         if tissue_mask is not None:  # before the store exists: a failed read leaves nothing behind
             mask = slide_tissue_mask(slide, tissue_mask)
-            _, skipped = split_tissue_tiles(grid, list(grid), mask)
+            tissue = tissue_tiles(grid, mask)
         store = create_output_store(
             out_path, grid, chunk=chunk, class_names=class_names_of(model), mpp=slide.mpp, provenance=meta,
-            probabilities=probabilities, tissue_mask=mask, skipped=skipped,
+            probabilities=probabilities, tissue_mask=mask, tissue=tissue,
         )  # fmt: skip
     store.lock_token = lock_token  # the caller's StoreLock: the store's writers stop if another job takes it over
     states = store.tile_states()
-    pending = [tile for tile in grid if states[tile.row, tile.col] == TILE_PENDING]
+    pending = grid.shards(states == TILE_PENDING)
     return SlidePlan(
         slide, grid, store, pending, skipped=int((states == TILE_SKIPPED).sum()),
         already_done=int((states == TILE_DONE).sum()), complete=store.status == "complete",
@@ -250,6 +260,7 @@ def segment_slide(
     resume: bool = False,
     tissue_mask: Any = None,
     progress: bool = False,
+    shard_tiles: int | None = None,
 ) -> SegmentResult:
     """Segment one slide in-process and write the OME-Zarr mosaic to ``out_path``.
 
@@ -266,34 +277,32 @@ def segment_slide(
         plan = plan_slide(
             source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
-            lock_token=lock.token,
+            lock_token=lock.token, shard_tiles=shard_tiles,
         )  # fmt: skip
         busy = run_tiles(plan, model, batch_size, device=device, amp=amp, progress=progress)
         plan.finalize()
-    result = plan.result(len(plan.tiles), time.perf_counter() - started, model_seconds=busy)
+    result = plan.result(plan.tiles_to_run, time.perf_counter() - started, model_seconds=busy)
     logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
     return result
 
 
 def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, device: str = "auto",
               amp: str | None = None, progress: bool = False) -> float:  # fmt: skip
-    """Read, predict and write every pending tile of ``plan`` in this process, through the same tile-batch
-    path as the Ray stages (reads one batch ahead, raises at the first failed tile); returns the seconds
-    spent in the model."""
+    """Read, predict and write every pending shard of ``plan`` in this process, through the same shard path
+    as the Ray actors (the next shard is read while this one runs; raises at the first failure); returns
+    the seconds spent in the model."""
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=plan.probabilities)
     bar = TileProgress(plan, progress)
-    plans, done = [plan], 0
-    batches = [keys_of(0, plan.tiles[start : start + batch_size]) for start in range(0, len(plan.tiles), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as reader:  # read the next batch while this one runs
-        upcoming = reader.submit(read_batch, plans, batches[0], raise_errors=True) if batches else None
-        for index, keys in enumerate(batches):
-            windows, errors = upcoming.result()
-            if index + 1 < len(batches):
-                upcoming = reader.submit(read_batch, plans, batches[index + 1], raise_errors=True)
-            output = predictor(windows)
-            write_batch(plans, keys, output["labels"], output.get("probabilities"), errors, raise_errors=True)
-            done += len(keys)
-            bar.update(len(keys), done, predictor.busy_seconds)
+    done = 0
+    with ThreadPoolExecutor(max_workers=1) as reader:  # read the next shard while this one runs
+        upcoming = reader.submit(read_shard, plan, plan.shards[0]) if plan.shards else None
+        for index, shard in enumerate(plan.shards):
+            region = upcoming.result()
+            if index + 1 < len(plan.shards):
+                upcoming = reader.submit(read_shard, plan, plan.shards[index + 1])
+            write_shard(plan, shard, predict_shard(predictor, plan, shard, region, batch_size))
+            done += len(shard.tiles)
+            bar.update(len(shard.tiles), done, predictor.busy_seconds)
     bar.close()
     return predictor.busy_seconds
 

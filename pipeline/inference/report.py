@@ -1,22 +1,24 @@
 """Batch bookkeeping for the command line: which inputs are slides, results for slides that never ran,
-the per-slide summary table and the JSON run report (``<out>/run-report.json``)."""
+the per-slide summary table and the run report (``<out>/run-reports/<UTC time>-<pid>.jsonl``: one JSON line
+per slide as it finishes, the settings first and the summary last; each run writes its own file)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pipeline.store.durability import atomic_file, durable_mkdir
+from pipeline.store.durability import durable_mkdir, fsync_path
 from pipeline.inference.engine import SegmentResult
 from pipeline.slides.inputs import InputKind, expand_inputs
 from pipeline.text import text_table
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".zarr")
-REPORT_NAME = "run-report.json"
+REPORTS_FOLDER = "run-reports"
 
 
 def is_slide_path(path: Path) -> bool:
@@ -90,37 +92,75 @@ def _resumed(result: SegmentResult) -> str:
     return f"{result.tiles_done_earlier} earlier" if result.resumed else "-"
 
 
-def build_run_report(
-    results: Sequence[SegmentResult], settings: dict[str, Any], started: float, finished: float
-) -> dict[str, Any]:
+def summarize(results: Sequence[SegmentResult]) -> dict[str, Any]:
+    """The run's totals: slides, complete, failed, the resumed and kept slides, and each failure's reason."""
     complete = sum(r.ok for r in results)
     return {
-        "report": "wsi-unet segment_slides run",
-        "started": _iso(started),
-        "finished": _iso(finished),
-        "seconds": round(finished - started, 3),
-        "summary": {
-            "slides": len(results), "complete": complete, "failed": len(results) - complete,
-            "resumed": [r.slide for r in results if r.resumed and not r.kept],
-            "kept": [r.slide for r in results if r.kept],
-            "failures": [{"slide": r.slide, "reason": r.error} for r in results if not r.ok],
-        },  # fmt: skip
-        "settings": settings,
-        "slides": [r.to_dict() for r in results],
-    }
+        "slides": len(results), "complete": complete, "failed": len(results) - complete,
+        "resumed": [r.slide for r in results if r.resumed and not r.kept],
+        "kept": [r.slide for r in results if r.kept],
+        "failures": [{"slide": r.slide, "reason": r.error} for r in results if not r.ok],
+    }  # fmt: skip
 
 
-def write_run_report(
-    out_dir: str | Path, results: Sequence[SegmentResult], settings: dict[str, Any], started: float, finished: float
-) -> Path:
-    """Write ``<out_dir>/run-report.json`` atomically and durably and return its path.
+class RunReport:
+    """One run's report, written as the run goes: a JSON line per slide the moment it is final, never rewritten.
 
-    The temp file's name is this job's own (pid and a random part): two jobs writing reports into one folder
-    never write into each other's temp file; the last to finish leaves its report."""
-    path = durable_mkdir(out_dir) / REPORT_NAME
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(build_run_report(results, settings, started, finished), indent=2, default=str) + "\n")
-    return path
+    ``<out>/run-reports/<UTC start>-<pid>.jsonl`` is created exclusively (an earlier run's report is never
+    overwritten, even by a job started in the same second); its first line holds the settings, then one
+    line per slide, and the last line the summary. Each line is flushed and fsync'ed, so after a crash the
+    report holds every slide finished before it."""
+
+    def __init__(self, out_dir: str | Path, settings: dict[str, Any], started: float) -> None:
+        folder = durable_mkdir(Path(durable_mkdir(out_dir)) / REPORTS_FOLDER)
+        stamp = _dt.datetime.fromtimestamp(started, _dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+        self.path, suffix = folder / f"{stamp}-{os.getpid()}.jsonl", 0
+        while True:
+            try:
+                self._file = open(self.path, "x", encoding="utf-8")
+                break
+            except FileExistsError:
+                suffix += 1
+                self.path = folder / f"{stamp}-{os.getpid()}-{suffix}.jsonl"
+        fsync_path(folder)
+        self.started = started
+        self._line({"report": "wsi-unet segment_slides run", "started": _iso(started), "settings": settings})
+
+    def slide(self, result: SegmentResult) -> None:
+        self._line({"slide": {**result.to_dict(), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat()}})
+
+    def finish(self, results: Sequence[SegmentResult], finished: float) -> Path:
+        self._line({"finished": _iso(finished), "seconds": round(finished - self.started, 3),
+                    "summary": summarize(results)})  # fmt: skip
+        self._file.close()
+        return self.path
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _line(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+
+def read_run_report(path: str | Path) -> dict[str, Any]:
+    """A report as one dict (``settings``, ``slides``, ``summary``: None if the run never finished); ``path``
+    is the report or an output folder (then its newest report)."""
+    path = Path(path)
+    if path.is_dir():
+        reports = sorted((path / REPORTS_FOLDER).glob("*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+        if not reports:
+            raise FileNotFoundError(f"{path}: no run report in {path / REPORTS_FOLDER}")
+        path = reports[-1]
+    report: dict[str, Any] = {"path": str(path), "slides": [], "summary": None}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "slide" in record:
+            report["slides"].append(record["slide"])
+        else:
+            report.update(record)
+    return report
 
 
 def _iso(timestamp: float) -> str:

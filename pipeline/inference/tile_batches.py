@@ -1,24 +1,25 @@
-"""The one tile-batch path every executor takes: read a batch of tiles' windows (each with its own error),
-predict (:class:`~pipeline.inference.predict.TilePredictor`), write the batch, show progress.
+"""The one tile path every executor takes, a shard at a time: read the shard's input region once, cut its
+tiles' windows from it, predict them in batches (:class:`~pipeline.inference.predict.TilePredictor`), write
+the shard whole, show progress.
 
-The in-process engine, the Ray stages and training's validation all go through these functions, so a tile is
-read, cut, predicted and written the same way whoever runs it. Tiles are addressed as ``(plan index, row,
-col)`` keys into a list of plans: the Ray stream carries exactly these three numbers per tile.
+The in-process engine, the Ray actors and tasks all go through :func:`run_shard` (or its three parts), so a
+tile is read, cut, predicted and written the same way whoever runs it; training's validation and the
+exactness checks use :func:`tiled_region_logits`, the same windows and predictor kept in memory.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
-from pipeline.slides.geometry import TileGrid
+from pipeline.slides.geometry import Shard, TileGrid
 from pipeline.slides.sources import read_window
 from pipeline.text import one_line
-
-TileKey = tuple[int, int, int]  # (plan index, row, col)
 
 
 def window_of(slide: Any, grid: TileGrid, tile: Any) -> np.ndarray:
@@ -27,49 +28,83 @@ def window_of(slide: Any, grid: TileGrid, tile: Any) -> np.ndarray:
 
 
 def read_windows(slide: Any, grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray:
-    """(N, I, I, C) windows of ``tiles`` of one slide, raising at the first failed read (benchmarks, tests)."""
+    """(N, I, I, C) windows of ``tiles`` of one slide, one read each (benchmarks, tests)."""
     return np.stack([window_of(slide, grid, tile) for tile in tiles])
 
 
-def read_batch(plans: Sequence[Any], keys: Sequence[TileKey], *, raise_errors: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(N, I, I, C) uint8 input windows of the tiles ``keys``, mirrored at the slide border, and one error
-    per tile ("" when read). A failed read leaves zeros and its one-line reason, so one bad slide never
-    stops the others; ``raise_errors`` re-raises instead (the in-process engine: one slide, fail fast)."""
-    size = plans[0].grid.input_size
-    channels = plans[keys[0][0]].slide.shape[2] if len(keys) else 3
-    windows = np.zeros((len(keys), size, size, channels), dtype=np.uint8)
-    errors = np.full(len(keys), "", dtype=object)
-    for k, (index, row, col) in enumerate(keys):
-        plan = plans[index]
-        try:
-            windows[k] = window_of(plan.slide, plan.grid, plan.grid.tile(row, col))
-        except Exception as error:
-            if raise_errors:
-                raise
-            errors[k] = one_line(error)
-    return windows, errors
+def read_shard(plan: Any, shard: Shard) -> np.ndarray:
+    """The shard's input region, read once: every window of its tiles to run, mirrored at the slide border."""
+    return plan.slide.read_region(*plan.grid.input_box(shard.tiles))
 
 
-def write_batch(plans: Sequence[Any], keys: Sequence[TileKey], labels: np.ndarray, probabilities: np.ndarray | None,
-                errors: np.ndarray, *, raise_errors: bool = False) -> np.ndarray:  # fmt: skip
-    """``OutputStore.write_tile`` for each tile that has no error yet (whole chunks, durable, then its state);
-    returns the errors with the failed writes' reasons added (the store named)."""
-    errors = errors.copy()
-    for k, (index, row, col) in enumerate(keys):
-        if errors[k]:
-            continue
-        plan = plans[index]
-        try:
-            if plan.probabilities and probabilities is None:
-                raise ValueError(f"{plan.store.path}: its store holds probabilities but the predictor made none")
-            probs = probabilities[k] if plan.probabilities else None
-            plan.store.write_tile(plan.grid.tile(row, col), labels[k], probs)
-        except Exception as error:  # full disk, permissions, a lost lock, ...
-            if raise_errors:
-                raise
-            errors[k] = f"writing {plan.store.path}: {one_line(error)}"
-    return errors
+def cut_windows(region: np.ndarray, grid: TileGrid, shard: Shard, tiles: Iterable[Any]) -> np.ndarray:
+    """(N, I, I, C) input windows of ``tiles`` (of ``shard``) cut from its region: each equals its own read."""
+    top, left, _, _ = grid.input_box(shard.tiles)
+    size = grid.input_size
+    windows = []
+    for tile in tiles:
+        y, x = grid.input_origin(tile)
+        windows.append(region[y - top : y - top + size, x - left : x - left + size])
+    return np.stack(windows)
+
+
+@dataclass
+class ShardOutput:
+    """A shard's predicted pixels, ready to write: ``labels`` (h, w), ``probabilities`` (K, h, w) or None."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    model_seconds: float
+    tiles: int
+
+
+def predict_shard(predictor: Any, plan: Any, shard: Shard, region: np.ndarray, batch_size: int,
+                  lock: Any = None) -> ShardOutput:  # fmt: skip
+    """Run the shard's tiles in batches of ``batch_size`` and paste each valid centre into the shard's block.
+
+    Tiles not run (no tissue) stay 0: background, and the arrays' fill value. ``lock``: held around each
+    forward pass, so two threads sharing one predictor (a Ray actor reading beside its model) take turns."""
+    grid, (y0, x0, y1, x1) = plan.grid, shard.box
+    labels = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+    probabilities = None
+    model_seconds = 0.0
+    for start in range(0, len(shard.tiles), batch_size):
+        tiles = shard.tiles[start : start + batch_size]
+        windows = cut_windows(region, grid, shard, tiles)
+        with lock or nullcontext():
+            before = predictor.busy_seconds
+            output = predictor(windows)
+            model_seconds += predictor.busy_seconds - before
+        if plan.probabilities and "probabilities" not in output:
+            raise ValueError(f"{plan.store.path}: its store holds probabilities but the predictor made none")
+        if plan.probabilities and probabilities is None:
+            probabilities = np.zeros((output["probabilities"].shape[1], y1 - y0, x1 - x0), dtype=np.uint8)
+        for k, tile in enumerate(tiles):
+            ty, tx, tyy, txx = tile.box
+            labels[ty - y0 : tyy - y0, tx - x0 : txx - x0] = output["labels"][k][: tile.height, : tile.width]
+            if probabilities is not None:
+                probabilities[:, ty - y0 : tyy - y0, tx - x0 : txx - x0] = \
+                    output["probabilities"][k][:, : tile.height, : tile.width]  # fmt: skip
+    return ShardOutput(labels, probabilities, model_seconds, len(shard.tiles))
+
+
+class ShardWriteError(RuntimeError):
+    """A shard could not be written (full disk, permissions, a store removed or taken over); names the store."""
+
+
+def write_shard(plan: Any, shard: Shard, output: ShardOutput) -> None:
+    """``OutputStore.write_shard``: the whole shard, durable, then marked done."""
+    try:
+        plan.store.write_shard(shard, output.labels, output.probabilities)
+    except Exception as error:
+        raise ShardWriteError(f"writing {plan.store.path}: {one_line(error)}") from error
+
+
+def run_shard(plan: Any, shard: Shard, predictor: Any, batch_size: int, lock: Any = None) -> ShardOutput:
+    """Read, predict and write one shard (the in-process engine and CPU actors)."""
+    output = predict_shard(predictor, plan, shard, read_shard(plan, shard), batch_size, lock)
+    write_shard(plan, shard, output)
+    return output
 
 
 def tiled_region_logits(image: Any, grid: TileGrid, predictor: Any, origin: tuple[int, int] = (0, 0),
@@ -100,10 +135,10 @@ class TileProgress:
 
     def __init__(self, plan: Any, enabled: bool, position: int | None = None) -> None:
         self.grid, self.started, self.bar = plan.grid, time.perf_counter(), None
-        if enabled and plan.tiles:
+        if enabled and plan.shards:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=len(plan.tiles), desc=Path(plan.slide.name).stem, unit="tile", position=position)
+            self.bar = tqdm(total=plan.tiles_to_run, desc=Path(plan.slide.name).stem, unit="tile", position=position)
 
     def update(self, tiles: int, tiles_done: int, model_seconds: float) -> None:
         if self.bar is None:
@@ -116,8 +151,3 @@ class TileProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def keys_of(index: int, tiles: Iterable[Any]) -> list[TileKey]:
-    """Keys of ``tiles`` (with ``row`` and ``col``) of the plan at ``index``."""
-    return [(index, tile.row, tile.col) for tile in tiles]

@@ -48,6 +48,7 @@ class TileGrid:
     alignment: int
     input_size: int
     crop: int
+    shard_tiles: int = 1  # tiles per side of a shard: the store's writer unit and the executors' work unit
 
     @property
     def rows(self) -> int:
@@ -74,6 +75,60 @@ class TileGrid:
     def input_origin(self, tile: Tile) -> tuple[int, int]:
         """Top-left of the tile's input window in slide pixels (negative at the top/left border)."""
         return tile.y - self.halo, tile.x - self.halo
+
+    @property
+    def shard_side(self) -> int:
+        """Side of a shard in output pixels (the Zarr shard shape of the stored levels)."""
+        return self.shard_tiles * self.tile_size
+
+    @property
+    def shard_rows(self) -> int:
+        return -(-self.rows // self.shard_tiles)
+
+    @property
+    def shard_cols(self) -> int:
+        return -(-self.cols // self.shard_tiles)
+
+    def shard(self, row: int, col: int, run: np.ndarray | None = None) -> Shard:
+        """Shard (``row``, ``col``) with the tiles to run in it: all, or those where ``run`` (rows, cols) is set."""
+        if not (0 <= row < self.shard_rows and 0 <= col < self.shard_cols):
+            raise IndexError(f"shard ({row}, {col}) outside a {self.shard_rows}x{self.shard_cols} shard grid")
+        k = self.shard_tiles
+        tiles = tuple(self.tile(r, c) for r in range(row * k, min(row * k + k, self.rows))
+                      for c in range(col * k, min(col * k + k, self.cols)) if run is None or run[r, c])  # fmt: skip
+        y, x = row * self.shard_side, col * self.shard_side
+        box = (y, x, min(y + self.shard_side, self.shape[0]), min(x + self.shard_side, self.shape[1]))
+        return Shard(row, col, box, tiles)
+
+    def shards(self, run: np.ndarray | None = None) -> list[Shard]:
+        """Every shard that has a tile to run (``run``: a (rows, cols) mask; None: every tile), row by row."""
+        shards = (self.shard(r, c, run) for r in range(self.shard_rows) for c in range(self.shard_cols))
+        return [shard for shard in shards if shard.tiles]
+
+    def input_box(self, tiles: tuple[Tile, ...]) -> tuple[int, int, int, int]:
+        """(y, x, height, width) of the smallest region that holds every input window of ``tiles``.
+
+        One read of it replaces one read per tile (each window repeats most of its tile's area in halo)."""
+        ys = [t.y for t in tiles]
+        xs = [t.x for t in tiles]
+        return (min(ys) - self.halo, min(xs) - self.halo, max(ys) - min(ys) + self.input_size,
+                max(xs) - min(xs) + self.input_size)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A block of ``shard_tiles`` x ``shard_tiles`` tiles: written whole, once, by one writer; run as one unit.
+
+    ``box``: (y0, x0, y1, x1) of its output region inside the slide; ``tiles``: its tiles to run (tissue)."""
+
+    row: int
+    col: int
+    box: tuple[int, int, int, int]
+    tiles: tuple[Tile, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.box[2] - self.box[0], self.box[3] - self.box[1]
 
 
 def check_tile_size(tile_size: int, alignment: int, chunk: int | None = None) -> None:
@@ -105,6 +160,7 @@ def make_tile_grid(
     input_size: int,
     crop: int = 0,
     chunk: int | None = None,
+    shard_tiles: int = 1,
 ) -> TileGrid:
     """Pure constructor: everything from numbers, no model needed (see :func:`tile_grid_for_model`)."""
     height, width = (int(v) for v in shape)
@@ -113,10 +169,14 @@ def make_tile_grid(
     check_tile_size(tile_size, alignment, chunk)
     if input_size < tile_size + 2 * halo:
         raise ValueError(f"input_size {input_size} is smaller than tile_size + 2*halo = {tile_size + 2 * halo}")
-    return TileGrid((height, width), int(tile_size), int(halo), int(alignment), int(input_size), int(crop))
+    if int(shard_tiles) != shard_tiles or shard_tiles < 1:
+        raise ValueError(f"shard_tiles must be a positive whole number of tiles, got {shard_tiles}")
+    return TileGrid((height, width), int(tile_size), int(halo), int(alignment), int(input_size), int(crop),
+                    int(shard_tiles))
 
 
-def tile_grid_for_model(model, shape: tuple[int, int], tile_size: int, chunk: int | None = None) -> TileGrid:
+def tile_grid_for_model(model, shape: tuple[int, int], tile_size: int, chunk: int | None = None,
+                        shard_tiles: int = 1) -> TileGrid:
     """The grid for ``model`` (anything with ``halo``, ``alignment``, ``valid_output_size``, ``input_size_for``).
 
     A valid U-Net computes the smallest valid output >= tile_size (fed input = that + 2*halo) and keeps
@@ -131,7 +191,8 @@ def tile_grid_for_model(model, shape: tuple[int, int], tile_size: int, chunk: in
         input_size = model.input_size_for(model.valid_output_size(tile_size + 2 * model.halo))
         crop = model.halo
     return make_tile_grid(
-        shape, tile_size, halo=model.halo, alignment=model.alignment, input_size=input_size, crop=crop, chunk=chunk
+        shape, tile_size, halo=model.halo, alignment=model.alignment, input_size=input_size, crop=crop, chunk=chunk,
+        shard_tiles=shard_tiles,
     )
 
 
@@ -151,3 +212,11 @@ def window_source(origin: int, length: int, size: int) -> tuple[int, int, np.nda
     index = symmetric_index(np.arange(origin, origin + length), size)
     lo, hi = int(index.min()), int(index.max()) + 1
     return lo, hi, index - lo
+
+
+SHARD_SIDE = 4096  # default shard side in output pixels: ~60 shards per gigapixel, 16 MiB of labels each
+
+
+def default_shard_tiles(tile_size: int) -> int:
+    """Tiles per shard side for a shard of about ``SHARD_SIDE`` pixels (at least one tile)."""
+    return max(1, SHARD_SIDE // tile_size)

@@ -105,7 +105,11 @@ class SlideSource:
 
     def read_window(self, y: int, x: int, size: int) -> np.ndarray:
         """A size x size window at (y, x), possibly outside the slide, mirrored as np.pad "symmetric"."""
-        return read_window(self, y, x, size)
+        return read_region(self, y, x, size, size)
+
+    def read_region(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """A height x width region at (y, x), possibly outside the slide, mirrored as np.pad "symmetric"."""
+        return read_region(self, y, x, height, width)
 
     def to_dask(self, chunk: int = 2048) -> da.Array:
         """The whole level as a lazy Dask array, (H, W, C) in ``chunk``-sized blocks."""
@@ -159,18 +163,24 @@ def downscale(source: SlideSource, size: tuple[int, int], block: int = 2048) -> 
 
 
 def read_window(array: Any, y: int, x: int, size: int) -> np.ndarray:
-    """Mirrored window from any (H, W[, C]) array-like supporting 2-D slicing (source, numpy, zarr, dask).
+    """Mirrored ``size`` x ``size`` window from any (H, W[, C]) array-like (see :func:`read_region`)."""
+    return read_region(array, y, x, size, size)
 
-    Only the source span the window needs is read once; interior windows are plain slices.
+
+def read_region(array: Any, y: int, x: int, height: int, width: int) -> np.ndarray:
+    """Mirrored region from any (H, W[, C]) array-like supporting 2-D slicing (source, numpy, zarr, dask).
+
+    Pixels outside the array are numpy ``"symmetric"`` mirror images, so any window cut from the region
+    equals that window read on its own. Only the source span the region needs is read, once; interior
+    regions are plain slices.
     """
-    height, width = array.shape[0], array.shape[1]
-    ylo, yhi, yidx = window_source(y, size, height)
-    xlo, xhi, xidx = window_source(x, size, width)
+    ylo, yhi, yidx = window_source(y, height, array.shape[0])
+    xlo, xhi, xidx = window_source(x, width, array.shape[1])
     block = array[ylo:yhi, xlo:xhi]
     if hasattr(block, "compute"):
         block = block.compute()
     block = np.asarray(block)
-    if yhi - ylo == size and (yidx == np.arange(size)).all() and xhi - xlo == size and (xidx == np.arange(size)).all():
+    if yhi - ylo == height and (yidx == np.arange(height)).all() and xhi - xlo == width and (xidx == np.arange(width)).all():
         return block
     return block[yidx][:, xidx]
 
@@ -186,6 +196,31 @@ def input_windows(slide: da.Array, grid: TileGrid, tiles: list[Tile] | None = No
         xlo, xhi, xidx = window_source(x, grid.input_size, slide.shape[1])
         windows.append(slide[ylo:yhi, xlo:xhi][yidx][:, xidx])
     return da.stack(windows)
+
+
+def shard_input_blocks(level: da.Array, grid: TileGrid) -> da.Array:
+    """The Dask description of the split: block (i, j) is the input region of shard (i, j), mirror padding included.
+
+    ``level`` is the lazy (H, W, C) level. It is padded with numpy's ``"symmetric"`` mirror (what
+    ``dask.array.overlap`` calls ``"reflect"``) by the halo at the top and left and by the halo plus the last
+    tiles' overhang at the bottom and right, cut into shard-sized chunks, and each chunk overlapped into
+    its bottom and right neighbours by ``input_size - tile_size``, the windows' reach past their shard.
+    The executors read exactly these blocks, one task per shard (:meth:`SlideSource.read_region` of
+    :meth:`TileGrid.input_box`); tests check the two agree. Dask's mirror is numpy's only where the pad
+    is narrower than the level (slides larger than a tile's reach), which is what this describes.
+    """
+    import dask.array as da
+
+    reach = grid.input_size - grid.tile_size  # rows and columns a shard's windows read past its end
+    pads, chunks = [], []
+    for axis, length in enumerate(grid.shape):
+        tiles = grid.rows if axis == 0 else grid.cols
+        padded = tiles * grid.tile_size + reach  # from -halo to the last window's end
+        pads.append((grid.halo, padded - grid.halo - length))
+        count = -(-tiles // grid.shard_tiles)
+        chunks.append((grid.shard_side,) * (count - 1) + (padded - (count - 1) * grid.shard_side,))
+    padded = da.pad(level, (*pads, (0, 0)), mode="symmetric").rechunk((*chunks, level.shape[2]))
+    return da.overlap.overlap(padded, depth={0: (0, reach), 1: (0, reach), 2: 0}, boundary="none")
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The mask is computed once per slide from a low-resolution thumbnail (or supplied by the user) before the
 output store exists; the store is then created with the mask (``tissue/mask``, for inspection and
-downstream tissue areas) and with the skipped tiles already recorded in ``tiles/state``, so their pixels
+downstream tissue areas) and with the tiles to run recorded in ``tiles/tissue``, so skipped tiles' pixels
 stay background (the label array's fill value) and a resumed run never needs the mask again.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.slides.geometry import Tile, TileGrid
+from pipeline.slides.geometry import TileGrid
 from pipeline.slides.sources import SlideSource
 
 logger = logging.getLogger(__name__)
@@ -50,13 +50,14 @@ def describe_tissue_option(tissue_mask: Any) -> str:
     return f"array sha256:{hashlib.sha256(np.ascontiguousarray(np.asarray(tissue_mask, dtype=bool))).hexdigest()[:16]}"
 
 
-def split_tissue_tiles(grid: TileGrid, tiles: list[Tile], mask: np.ndarray) -> tuple[list[Tile], list[Tile]]:
-    """Split ``tiles`` into (tiles to run, tiles skipped as background) by the mask (pure: writes nothing)."""
+def tissue_tiles(grid: TileGrid, mask: np.ndarray) -> np.ndarray:
+    """(rows, cols) bool: the tiles that hold tissue by ``mask`` and are run (pure: writes nothing)."""
     from pipeline.slides import tissue
 
     scale = mask.shape[0] / grid.shape[0]
-    keep = tissue.tiles_with_tissue(mask, scale, [tile.box for tile in tiles])
-    run = [tile for tile, k in zip(tiles, keep) if k]
-    skipped = [tile for tile, k in zip(tiles, keep) if not k]
-    logger.info("%d of %d tiles hold tissue", len(run), len(tiles))
-    return run, skipped
+    tiles = list(grid)
+    keep = np.zeros((grid.rows, grid.cols), dtype=bool)
+    for tile, has_tissue in zip(tiles, tissue.tiles_with_tissue(mask, scale, [tile.box for tile in tiles])):
+        keep[tile.row, tile.col] = has_tissue
+    logger.info("%d of %d tiles hold tissue", int(keep.sum()), len(tiles))
+    return keep

@@ -5,22 +5,25 @@ Layout of ``<slide>.zarr`` (documented in the README)::
     zarr.json                       ome: {version: 0.5}; wsi_unet: provenance + status ("running"/"complete")
     labels/zarr.json                ome: {labels: ["segmentation"]}
     labels/segmentation/            multiscales + image-label (class colours and names)
-        0/                          uint8 class index, (y, x) at the segmented level, chunk = output chunk
-        1/ .. k/                    2x nearest-neighbour pyramid for viewers, built after all tiles
-    probabilities/0/                optional (c, y, x) uint8 softmax * 255, one chunk per tile per class block
-    tiles/state                     (rows, cols) uint8: 0 pending, 1 segmented, 2 skipped (no tissue); chunk 1 x 1
+        0/                          uint8 class index, (y, x) at the segmented level; Zarr v3 shards of
+                                    shard_tiles x shard_tiles tiles, inner chunk = output chunk (for viewers)
+        1/ .. k/                    2x nearest-neighbour pyramid for viewers, sharded alike, built after all shards
+    probabilities/0/                optional (c, y, x) uint8 softmax * 255, sharded like level 0
+    tiles/tissue                    (rows, cols) uint8, one chunk: 1 tile run, 0 skipped (no tissue)
+    shards/done                     (shard rows, shard cols) uint8, one byte file per finished shard
 
-A tile's valid centre covers whole chunks, so its write is independent of every other tile (no
-read-modify-write, no locks; a retried tile rewrites the same bytes). Crash safety, in order:
+A shard is the unit of writing and of work: its tiles are run together and the shard is written whole,
+once, by one writer (no partial-shard writes, no read-modify-write, no locks; a retried shard rewrites
+the same bytes). A shard without tissue is never run and needs no file. Crash safety, in order:
 
 - the store is built in ``<name>.zarr.creating-<pid>`` (arrays, metadata, tissue mask, skipped tiles), synced
   whole, and renamed into place, so ``<name>.zarr`` is either absent or fully created; an overwrite moves the
   old store to ``<name>.zarr.replaced-<pid>`` first, which the next run puts back if the new one never arrived;
-- a tile's chunk files (and their folders) are fsync'ed before its state is written, then the state, so
-  "done" means durably on disk (:mod:`pipeline.store.durability`);
+- a shard's files (and their folders) are fsync'ed before it is marked done, then the mark, so "done"
+  means durably on disk (:mod:`pipeline.store.durability`);
 - ``status: complete`` is written last (zarr writes ``zarr.json`` by temp file + rename, then it is synced),
-  only after ``tiles/state`` shows every tile done or skipped and the pyramid is built and synced;
-- the metadata depends on the slide and settings only (counts come from ``tiles/state``), so a store
+  only after ``shards/done`` shows every shard with tissue done and the pyramid is built and synced;
+- the metadata depends on the slide and settings only (counts come from the tissue grid), so a store
   finished by ``resume`` is byte-identical to one written in a single run.
 """
 
@@ -39,16 +42,19 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.slides.geometry import Shard, TileGrid
 from pipeline.store.durability import durable_mkdir, durable_replace, sync_files, sync_tree
-from pipeline.slides.geometry import Tile, TileGrid
+from pipeline.store.label_pyramid import LABELS_PATH, build_pyramid, pyramid_shapes
 from pipeline.store.locking import check_lock_owner
-from pipeline.store.tile_state import read_tile_states, write_new_states
+from pipeline.store.shard_state import (
+    DONE_PATH, TILE_DONE, TILE_PENDING, TILE_SKIPPED, TISSUE_PATH, mark_shard_done, read_done_shards, read_tissue,
+    tile_states,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-TILE_PENDING, TILE_DONE, TILE_SKIPPED = 0, 1, 2
 LOCK_CHECK_SECONDS = 5.0
-LABELS_PATH = "labels/segmentation"
+__all__ = ["OutputStore", "create_output_store", "open_existing_store", "TILE_DONE", "TILE_PENDING", "TILE_SKIPPED"]
 PALETTE = [  # class 0 transparent; class 1 green, which stands out on H&E's pinks and purples
     (0, 0, 0, 0), (0, 230, 60, 255), (255, 225, 25, 255), (0, 130, 200, 255), (230, 25, 75, 255),
     (245, 130, 48, 255), (145, 30, 180, 255), (70, 240, 240, 255), (240, 50, 230, 255), (210, 245, 60, 255),
@@ -86,22 +92,20 @@ class OutputStore:
     def labels(self, level: int = 0) -> zarr.Array:
         return self._array(f"{LABELS_PATH}/{level}")
 
-    def write_tile(self, tile: Tile, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
-        """Write one tile's valid centre (whole chunks only), make it durable, then mark it done (durably)."""
+    def write_shard(self, shard: Shard, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """Write one shard whole (its ``box``; ``labels`` (h, w), ``probabilities`` (K, h, w)), make it durable,
+        then mark it done (durably). The only writer of its shard files; a retry rewrites the same bytes."""
         self.check_lock()  # before any byte: a job that lost its lock writes nothing more
-        y0, x0, y1, x1 = tile.box
+        y0, x0, y1, x1 = shard.box
         written = {f"{LABELS_PATH}/0": self.labels()}
-        written[f"{LABELS_PATH}/0"][y0:y1, x0:x1] = labels[: tile.height, : tile.width]
+        written[f"{LABELS_PATH}/0"][y0:y1, x0:x1] = labels[: y1 - y0, : x1 - x0]
         if probabilities is not None:
             written["probabilities/0"] = self._array("probabilities/0")
-            written["probabilities/0"][:, y0:y1, x0:x1] = probabilities[:, : tile.height, : tile.width]
-        for name in written:
-            self._sync(name, tile.box)
-        self._array("tiles/state")[tile.row, tile.col] = TILE_DONE
-        self._sync("tiles/state", (tile.row, tile.col, tile.row + 1, tile.col + 1))
-
-    def _sync(self, name: str, box: tuple[int, int, int, int]) -> None:
-        sync_region(Path(self.path, name), self._array(name), box, self._named)
+            written["probabilities/0"][:, y0:y1, x0:x1] = probabilities[:, : y1 - y0, : x1 - x0]
+        for name, array in written.items():
+            key = array.metadata.encode_chunk_key((0,) * (array.ndim - 2) + (shard.row, shard.col))
+            sync_files([Path(self.path, name, key)], Path(self.path, name), self._named)
+        mark_shard_done(self.path, self._array(DONE_PATH), shard.row, shard.col, self._named)
 
     def check_lock(self, force: bool = False) -> None:
         """Raise :class:`~pipeline.store.locking.StoreLockLostError` if another job took this store's lock over.
@@ -114,17 +118,21 @@ class OutputStore:
         self._lock_checked = time.monotonic()
 
     def tile_states(self) -> np.ndarray:
-        return read_tile_states(self.path)
+        """(rows, cols) per tile: ``TILE_DONE``, ``TILE_SKIPPED`` (no tissue) or ``TILE_PENDING``."""
+        return tile_states(read_tissue(self.path), read_done_shards(self.path), self.grid.shard_tiles)
+
+    def done_shards(self) -> np.ndarray:
+        """(shard rows, shard cols) bool: the shards written whole and marked done."""
+        return read_done_shards(self.path)
 
     def finalize(self) -> None:
-        """Build the viewer pyramid and mark the store complete: last, and only if every tile is in."""
+        """Build the viewer pyramid and mark the store complete: last, and only if every shard is in."""
         states = self.tile_states()
         missing = int((states == TILE_PENDING).sum())
         if missing:
             raise RuntimeError(f"{self.path}: {missing} tiles are not written yet; not marking it complete")
         self.check_lock(force=True)  # now, not up to LOCK_CHECK_SECONDS ago
-        for level in build_pyramid(self.path):  # level 0 and tiles/state were synced tile by tile
-            sync_tree(Path(self.path, LABELS_PATH, str(level)))
+        build_pyramid(self.path)  # each shard synced as it is written; level 0 and shards/done were already
         root = self.root
         info = dict(root.attrs["wsi_unet"])
         info.update(tiles_segmented=int((states == TILE_DONE).sum()),
@@ -136,26 +144,6 @@ class OutputStore:
     @property
     def status(self) -> str | None:
         return (read_provenance(Path(self.path)) or {}).get("status")
-
-
-def sync_region(array_dir: Path, array: zarr.Array, box: tuple[int, int, int, int], named: set | None = None) -> None:
-    """fsync the chunk files of ``array`` (stored in ``array_dir``) that cover ``box`` = (y0, x0, y1, x1) of
-    its last two axes, and the folders that hold them (``named``: see :func:`~pipeline.store.durability.sync_files`):
-    after this, what a tile wrote survives a power loss."""
-    y0, x0, y1, x1 = box
-    cy, cx = array.chunks[-2:]
-    lead = (0,) * (array.ndim - 2)  # class axis of probabilities: one chunk spans all classes
-    keys = [array.metadata.encode_chunk_key((*lead, i, j))
-            for i in range(y0 // cy, -(-y1 // cy)) for j in range(x0 // cx, -(-x1 // cx))]  # fmt: skip
-    sync_files([array_dir / key for key in keys], array_dir, named)
-
-
-def pyramid_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
-    """Level shapes, halving until the whole level fits in one chunk."""
-    shapes = [tuple(shape)]
-    while max(shapes[-1]) > chunk:
-        shapes.append(tuple(-(-s // 2) for s in shapes[-1]))
-    return shapes
 
 
 def open_existing_store(
@@ -214,20 +202,20 @@ def create_output_store(
     provenance: dict[str, Any],
     probabilities: bool = False,
     tissue_mask: np.ndarray | None = None,
-    skipped: list[Tile] = (),
+    tissue: np.ndarray | None = None,
 ) -> OutputStore:
     """Create the store once, in the driver, atomically: built beside ``path`` and renamed into place.
 
     An existing store at ``path`` is replaced only after the new one is complete on disk (callers
     decide whether that is allowed, see :func:`open_existing_store`). ``tissue_mask`` (low resolution)
-    is kept under ``tissue/mask``; ``skipped`` tiles are recorded as such in ``tiles/state``.
+    is kept under ``tissue/mask``; ``tissue`` (rows, cols), the tiles to run (None: all), under ``tiles/tissue``.
     """
     path = Path(path)
     durable_mkdir(path.parent)
     remove_stale_siblings(path)
     building = path.with_name(f"{path.name}.creating-{os.getpid()}")
     try:
-        _build_store(building, grid, chunk, class_names, mpp, provenance, probabilities, tissue_mask, skipped)
+        _build_store(building, grid, chunk, class_names, mpp, provenance, probabilities, tissue_mask, tissue)
         sync_tree(building)  # every file and folder of the new store is on disk before its name appears
     except BaseException:
         _remove(building)
@@ -251,7 +239,7 @@ def create_output_store(
 
 def _build_store(
     path: Path, grid: TileGrid, chunk: int, class_names: list[str], mpp: float | None, provenance: dict[str, Any],
-    probabilities: bool, tissue_mask: np.ndarray | None, skipped: list[Tile],
+    probabilities: bool, tissue_mask: np.ndarray | None, tissue: np.ndarray | None,
 ) -> None:  # fmt: skip
     num_classes = len(class_names)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -261,10 +249,12 @@ def _build_store(
     labels_group.attrs["ome"] = {"version": "0.5", "labels": ["segmentation"]}
     segmentation = labels_group.create_group("segmentation")
     shapes = pyramid_shapes(grid.shape, chunk)
+    side = grid.shard_side
     for level, shape in enumerate(shapes):
         segmentation.create_array(
-            str(level), shape=shape, chunks=(chunk, chunk), dtype="uint8", fill_value=0, dimension_names=["y", "x"]
-        )
+            str(level), shape=shape, chunks=(chunk, chunk), shards=(side, side), dtype="uint8", fill_value=0,
+            dimension_names=["y", "x"],
+        )  # fmt: skip
     segmentation.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [_multiscales("segmentation", ["y", "x"], len(shapes), mpp)],
@@ -277,20 +267,18 @@ def _build_store(
     if probabilities:
         group = root.create_group("probabilities")
         group.create_array(
-            "0", shape=(num_classes, *grid.shape), chunks=(num_classes, chunk, chunk), dtype="uint8",
-            fill_value=0, dimension_names=["c", "y", "x"],
+            "0", shape=(num_classes, *grid.shape), chunks=(num_classes, chunk, chunk),
+            shards=(num_classes, side, side), dtype="uint8", fill_value=0, dimension_names=["c", "y", "x"],
         )  # fmt: skip
         group.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales("probabilities", ["c", "y", "x"], 1, mpp)]}
     if tissue_mask is not None:
         group = root.create_group("tissue")
         group.create_array("mask", data=tissue_mask.astype(np.uint8), chunks=tissue_mask.shape, dimension_names=["y", "x"])
         group.attrs["scale"] = float(tissue_mask.shape[0] / grid.shape[0])  # mask pixels per segmented-level pixel
-    states = np.zeros((grid.rows, grid.cols), dtype=np.uint8)
-    for tile in skipped:
-        states[tile.row, tile.col] = TILE_SKIPPED
-    tiles = root.create_group("tiles")
-    state = tiles.create_array("state", shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0)
-    write_new_states(state, path, states)
+    run = np.ones((grid.rows, grid.cols), dtype=np.uint8) if tissue is None else tissue.astype(np.uint8)
+    root.create_array(TISSUE_PATH, data=run, chunks=run.shape, compressors=None, dimension_names=["row", "col"])
+    root.create_array(DONE_PATH, shape=(grid.shard_rows, grid.shard_cols), chunks=(1, 1), dtype="uint8",
+                      fill_value=0, compressors=None, dimension_names=["row", "col"])  # fmt: skip
 
 
 def _remove(path: Path) -> None:
@@ -350,7 +338,7 @@ def read_provenance(path: Path) -> dict[str, Any] | None:
 
 RESUME_KEYS = (
     "source", "level", "shape", "mpp", "tile_size", "chunk", "halo", "model_checksum", "probabilities", "tissue",
-    "pixels",
+    "pixels", "shard_tiles",
 )  # fmt: skip
 
 
@@ -364,32 +352,16 @@ def _check_resumable(path: Path, existing: dict[str, Any], wanted: dict[str, Any
                 f"{path}: cannot resume, an earlier version wrote it reading level {existing.get('level')} with a "
                 "sub-pixel shift per tile (seams); use overwrite=True (--overwrite) to segment it again"
             )
+    if "shard_tiles" in changed and "shard_tiles" not in existing:
+        raise OutputExistsError(
+            f"{path}: cannot resume, an earlier version wrote it with one chunk and one state file per tile (no "
+            "shards); use overwrite=True (--overwrite) to segment it again"
+        )
     if changed:
         raise OutputExistsError(
             f"{path}: cannot resume, the existing store was made with other settings ({', '.join(changed)}); "
             "use overwrite=True (--overwrite) to start again"
         )
-
-
-def build_pyramid(path: str | Path, chunks_per_block: int = 16) -> list[int]:
-    """Fill levels 1..k of the label pyramid by 2x nearest-neighbour (``level[::2, ::2]``) from the level below.
-
-    Returns the levels it wrote. Works in blocks of one chunk row by ``chunks_per_block`` chunks of the target
-    level (so memory is a few MiB at any slide size, and each target chunk is written once, by one writer);
-    zarr fetches and encodes the chunks of a block concurrently. (Dask's graph for the same copy took 4x as long: 11 s vs 2.9 s for a
-    12288^2 store, 2026-11-21.)
-    """
-    group = zarr.open_group(f"{path}/{LABELS_PATH}", mode="r+")
-    level = 1
-    while str(level) in group:
-        source, target = group[str(level - 1)], group[str(level)]
-        (height, width), (ch, cw) = target.shape, target.chunks
-        for y0 in range(0, height, ch):
-            for x0 in range(0, width, cw * chunks_per_block):
-                y1, x1 = min(y0 + ch, height), min(x0 + cw * chunks_per_block, width)
-                target[y0:y1, x0:x1] = source[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2]
-        level += 1
-    return list(range(1, level))
 
 
 def open_labels(path: str | Path, level: int = 0) -> zarr.Array:
