@@ -1,10 +1,10 @@
 """(h) Cohorts: N slides in one command, with a driver that does not grow and few files per gigapixel.
 
-Each N runs ``jobs/segment_slides.py DIR --out OUT`` once, as a user would, on a folder of N links to one
+Each N runs ``jobs/segment_slides.py DIR --out OUT`` once, as a user would, on a folder of N hard links to one
 small synthetic slide (copies of one file, each its own output). Measured from outside the job:
 
-- time to the first tile: from the job's start to the first shard marked done on disk (the first store's
-  ``shards/done``), and to the first finished slide (the first line of the run report);
+- time to the first tile: from the job's start (the process spawned) to the first shard marked done on disk
+  (the first store's ``shards/done``), and to the first finished slide (the earliest slide line of the report);
 - the driver's peak memory: ``VmHWM`` (peak RSS) of the job's own process, which holds the scheduler; Ray's
   processes are not the driver;
 - files written per gigapixel of slide: every file under the outputs (stores, previews, report) over N times
@@ -35,13 +35,14 @@ FILES_PER_GPX_BEFORE = 33_000  # cmu-1-small-region: 218 files for 6.6 Mpx, one 
 
 
 def cohort_folder(workdir: Path, slide: Path, count: int) -> Path:
-    """``count`` links to ``slide`` in their own folder (made once)."""
+    """``count`` hard links to ``slide`` in their own folder (made once): as many slide files as a real cohort,
+    without the disk (symbolic links would be one slide, since inputs are deduplicated by their resolved path)."""
     folder = workdir / f"cohort-{count}"
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(count):
         link = folder / f"slide-{k:05d}{slide.suffix}"
         if not link.exists():
-            link.symlink_to(slide)
+            os.link(slide, link)
     return folder
 
 
@@ -85,7 +86,7 @@ def run_cohort(workdir: Path, slide: Path, count: int, model: Path, *, tile_size
                "--no-progress", "--num-cpus", str(os.cpu_count() or 2)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local Ray
     log = workdir / f"cohort-{count}.log"
-    started = time.perf_counter()
+    started, spawned = time.perf_counter(), time.time()
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
         watch = _Watch(process.pid, out / "slide-00000.zarr", started)
@@ -96,12 +97,13 @@ def run_cohort(workdir: Path, slide: Path, count: int, model: Path, *, tile_size
         raise RuntimeError(f"{' '.join(command)} exited with {code}; see {log}")
     report = read_run_report(out)
     finished = sorted(_seconds(s["finished"]) for s in report["slides"])
-    first_slide = finished[0] - _seconds(report["started"]) if finished else None
+    first_slide = round(finished[0] - spawned, 3) if finished else None
     height, width = open_slide(slide).size
     gigapixels = count * height * width / 1e9
     files = sum(1 for p in out.rglob("*") if p.is_file())
     return {
-        "slides": count, "gigapixels": round(gigapixels, 3), "first_tile_s": watch.first_tile,
+        "slides": count, "gigapixels": round(gigapixels, 3),
+        "first_tile_s": None if watch.first_tile is None else round(watch.first_tile, 3),
         "first_slide_s": first_slide, "wall_s": round(wall, 1),
         "sum_slide_s": round(sum(s["seconds"] for s in report["slides"]), 1),
         "driver_peak_rss_mib": round(watch.peak_rss_kib / 1024, 1), "files": files,

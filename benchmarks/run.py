@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gpu-slide-gpx", type=float, default=4.0, help="GPU end-to-end slide size in gigapixels (default 4)")
     add("--read-windows", type=int, default=None, help="windows per level and reader in the reads section (2000)")
     add("--cohort-sizes", type=int, nargs="+", default=None, help="slides per cohort run (default 100 1000 2000)")
-    add("--cohort-slide-side", type=int, default=None, help="side of each cohort slide in px (default 2048)")
+    add("--cohort-slide-side", type=int, default=None, help="side of each cohort slide in px (default 1024)")
     add("--cohort-big-gpx", type=float, default=None,
         help="gigapixels of the big slide whose planning and after-last-tile work are timed (default 15; 0: none)")
     return p.parse_args(argv)
@@ -91,7 +91,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.gpu_batches = args.gpu_batches or ([1, 2] if quick else [1, 4, 16])
     args.read_windows = args.read_windows or (100 if quick else 2000)
     args.cohort_sizes = args.cohort_sizes or ([4, 8] if quick else [100, 1000, 2000])
-    args.cohort_slide_side = args.cohort_slide_side or (512 if quick else 2048)
+    args.cohort_slide_side = args.cohort_slide_side or (512 if quick else 1024)
     args.cohort_big_gpx = (0.0 if quick else 15.0) if args.cohort_big_gpx is None else args.cohort_big_gpx
     return args
 

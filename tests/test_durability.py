@@ -83,11 +83,12 @@ def test_a_shard_is_synced_before_it_is_marked_done(plan, spy):
 
     root = Path(store.path)
     label_shard = root / LABELS_PATH / "0" / "c" / "0" / "1"
+    level1_shard = root / LABELS_PATH / "1" / "c" / "0" / "1"  # level 1 comes with each shard (label_pyramid)
     prob_shard = root / "probabilities" / "0" / "c" / "0" / "0" / "1"
     done_chunk = root / DONE_PATH / "c" / "0" / "1"
     before, after = spy.paths[: spy.paths.index("<state written>")], spy.paths[spy.paths.index("<state written>") :]
     for path in (label_shard, label_shard.parent, label_shard.parent.parent, root / LABELS_PATH / "0",
-                 prob_shard, prob_shard.parent, root / "probabilities" / "0"):  # fmt: skip
+                 level1_shard, level1_shard.parent, prob_shard, prob_shard.parent, root / "probabilities" / "0"):  # fmt: skip
         assert str(path) in before, f"{path.relative_to(root)} not synced before the mark; synced: {spy.paths}"
     for path in (done_chunk, done_chunk.parent, root / DONE_PATH):
         assert str(path) in after, f"{path.relative_to(root)} not synced after the mark was written"
@@ -101,8 +102,8 @@ def test_complete_is_written_only_after_the_pyramid_and_then_synced(plan, spy):
     spy.clear()
     store.finalize()
     root = Path(store.path)
-    level1 = root / LABELS_PATH / "1"
-    pyramid_files = [p for p in (level1 / "c").rglob("*") if p.is_file()]  # its zarr.json: synced at creation
+    level2 = root / LABELS_PATH / "2"  # the first level not written with the shards (label_pyramid)
+    pyramid_files = [p for p in (level2 / "c").rglob("*") if p.is_file()]  # its zarr.json: synced at creation
     assert pyramid_files and all(spy.synced(p) for p in pyramid_files)
     assert spy.synced(root / "zarr.json") and spy.synced(root)
     last_pyramid = max(spy.paths.index(str(p)) for p in pyramid_files)

@@ -21,7 +21,8 @@ import zarr
 from conftest import assert_same_results, run_job, shared_file, torch_threads, varied_unet
 from pipeline.inference.report import read_run_report
 from pipeline.inference.engine import plan_slide, run_tiles, segment_slide
-from pipeline.inference.ray_runner import RayOptions, ShardActor
+from pipeline.inference.ray_runner import RayOptions
+from pipeline.inference.tile_batches import ShardActor
 from pipeline.inference.scheduler import check_plans, pick_slide, segment_slides_ray
 from pipeline.store.output_store import read_provenance
 from pipeline.text import one_line
@@ -356,3 +357,30 @@ def test_a_pool_that_takes_every_cpu_is_refused_not_hung(ray_local, model, tmp_p
     plan = plan_slide(shared_file("slides/small-16px.svs"), tmp_path / "o.zarr", model, tile_size=256)
     (result,) = segment_slides_ray([plan], model, actors=2, cpus_per_actor=1.0, progress=False)  # ray_local has 2
     assert result.status.startswith("failed: ") and "leaving none to read and write tiles" in result.status
+
+
+def test_a_rerun_keeps_complete_outputs_from_their_metadata_alone_without_ray(model, tmp_path, monkeypatch):
+    """Complete outputs made with the same settings cost a metadata read each: no plan, no task, no Ray."""
+    import tifffile
+
+    from pipeline.inference import batch as batch_module
+    from pipeline.inference.batch import BatchConfig, segment_batch
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.full((300, 200, 3), 200, np.uint8), photometric="rgb")
+    slides = [shared_file("slides/small-16px.svs"), plain]
+    out = tmp_path / "out"
+    for slide in slides:  # what an earlier run left: complete stores with the batch's settings
+        segment_slide(slide, output_path_for(slide, out), model, tile_size=256, tissue_mask=True)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for outputs that are complete")
+
+    monkeypatch.setattr(batch_module, "init_ray", no_ray)
+    run = segment_batch([str(s) for s in slides], out, model, BatchConfig(tile_size=256, previews=False),
+                        RayOptions(progress=False))  # fmt: skip
+    assert not run.failed and [r.kept for r in run.results] == [True, True]
+    assert read_run_report(run.report)["summary"]["kept"] == [str(s) for s in slides]
+    changed = segment_batch([str(plain)], out, model, BatchConfig(tile_size=128, previews=False),
+                            RayOptions(progress=False))  # other settings: planned (here: Ray refused)  # fmt: skip
+    assert changed.failed and "Ray was started" in changed.results[0].error

@@ -162,3 +162,14 @@ def test_interrupted_store_is_not_complete_and_resume_finishes_it_identically(tm
 def test_pyramid_stops_when_a_level_fits_one_chunk():
     assert pyramid_shapes((700, 520), 128) == [(700, 520), (350, 260), (175, 130), (88, 65)]
     assert pyramid_shapes((16, 16), 64) == [(16, 16)]
+
+
+def test_pyramid_levels_written_with_the_shards_and_after_them_are_every_other_pixel(tmp_path):
+    """Levels 1-2 come with each level-0 shard (their shards halve its side), level 3 on after the last shard."""
+    segment_slide(random_image(1000, 760, seed=5), tmp_path / "s.zarr", varied_unet(), tile_size=64, shard_tiles=4,
+                  mpp=0.5)  # fmt: skip
+    level0 = open_labels(tmp_path / "s.zarr", 0)[...]
+    assert [open_labels(tmp_path / "s.zarr", level).shards for level in range(5)] == [(256, 256), (128, 128), (64, 64),
+                                                                                      (256, 256), (256, 256)]
+    for level in range(1, 5):
+        assert np.array_equal(open_labels(tmp_path / "s.zarr", level)[...], level0[:: 2**level, :: 2**level]), level

@@ -10,15 +10,14 @@ runs where::
     write_task       CPU task     the shard, durable, then marked done]  the node's other cores
     finalize_task    CPU task     pyramid by shards, status complete, preview
 
-Every piece is the tile path of :mod:`pipeline.inference.tile_batches` (``read_shard``, ``predict_shard``,
-``write_shard``) and :func:`pipeline.inference.engine.plan_slide`, so on CPU in float32 the stores equal
+The actor and the read and write tasks are the tile path of :mod:`pipeline.inference.tile_batches`
+(:class:`ShardActor`, ``read_shard``, ``write_outcome``), the plan task :func:`pipeline.inference.engine.plan_slide`, so on CPU in float32 the stores equal
 the in-process engine's byte for byte (given the same torch thread count). The driver that schedules them
 across slides is :mod:`pipeline.inference.scheduler`.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,8 @@ from typing import Any
 import torch
 
 from pipeline.inference.engine import SlidePlan, plan_slide
-from pipeline.inference.predict import TilePredictor, resolve_amp
-from pipeline.inference.tile_batches import ShardOutput, predict_shard, read_shard, run_shard, write_shard
-from pipeline.slides.geometry import Shard, tile_grid_for_model
+from pipeline.inference.predict import resolve_amp
+from pipeline.inference.tile_batches import SHARDS_IN_FLIGHT, ShardActor, read_shard, write_outcome
 from pipeline.text import one_line
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pipeline/ and unet/
@@ -88,54 +86,6 @@ def check_cpus_left(options: RayOptions) -> None:
             f"{options.actors} actors x {options.cpus_per_actor:g} CPUs take all {total:g} CPUs of the Ray cluster, "
             "leaving none to read and write tiles; lower --actors or --cpus-per-actor, or give Ray more CPUs"
         )
-
-
-@dataclass
-class ShardOutcome:
-    """What the driver hears about one shard: its tiles, the model's seconds, or the one-line reason it failed."""
-
-    tiles: int = 0
-    model_seconds: float = 0.0
-    error: str | None = None
-
-
-SHARDS_IN_FLIGHT = 2  # calls per CPU actor: one reading or writing while the other is in the forward pass
-
-
-class ShardActor:
-    """One TilePredictor per actor (the model fetched from the object store once), for every slide of the run.
-
-    CPU actors run whole shards (:meth:`run`) with two calls at once: one shard's read and write (OpenSlide,
-    numpy, zarr: mostly outside the GIL) overlap the other's forward pass, and a lock keeps forward passes
-    one at a time, so the model's threads are never shared. GPU actors only predict (:meth:`predict`)."""
-
-    def __init__(self, model: Any, tile_size: int, device: str, amp: str | None, probabilities: bool,
-                 compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
-        if device == "cpu" and threads > 0:
-            torch.set_num_threads(threads)  # process-wide: the call threads pick it up at their first op
-        grid = tile_grid_for_model(model, (tile_size, tile_size), tile_size)  # the geometry every slide shares
-        self.predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, probabilities=probabilities,
-                                                compile=compile, batch_size=batch_size)  # fmt: skip
-        self.batch_size, self.forward_lock = batch_size, threading.Lock()
-
-    def run(self, plan: SlidePlan, shard: Shard) -> ShardOutcome:
-        try:
-            output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock)
-        except Exception as error:  # a bad read or a failed write fails this shard (and its slide) alone
-            return ShardOutcome(error=one_line(error))
-        return ShardOutcome(output.tiles, output.model_seconds)
-
-    def predict(self, plan: SlidePlan, shard: Shard, region: Any) -> ShardOutput:
-        return predict_shard(self.predictor, plan, shard, region, self.batch_size, self.forward_lock)
-
-
-def write_outcome(plan: SlidePlan, shard: Shard, output: ShardOutput) -> ShardOutcome:
-    """Write task of GPU runs: the shard whole, durable, then marked done."""
-    try:
-        write_shard(plan, shard, output)
-    except Exception as error:
-        return ShardOutcome(error=one_line(error))
-    return ShardOutcome(output.tiles, output.model_seconds)
 
 
 def plan_remote(request: Any, model: Any) -> SlidePlan:

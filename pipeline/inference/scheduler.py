@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pipeline.inference.engine import SegmentResult, SlidePlan
-from pipeline.inference.ray_runner import RayOptions, ShardOutcome, ray_pieces, without_shards
+from pipeline.inference.ray_runner import RayOptions, ray_pieces, without_shards
+from pipeline.inference.tile_batches import ShardOutcome
 from pipeline.slides.geometry import Shard
 from pipeline.text import one_line
 

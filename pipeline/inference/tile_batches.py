@@ -2,13 +2,15 @@
 tiles' windows from it, predict them in batches (:class:`~pipeline.inference.predict.TilePredictor`), write
 the shard whole, show progress.
 
-The in-process engine, the Ray actors and tasks all go through :func:`run_shard` (or its three parts), so a
-tile is read, cut, predicted and written the same way whoever runs it; training's validation and the
+The in-process engine and the Ray model actors (:class:`ShardActor`) and tasks all go through
+:func:`run_shard` (or its three parts), so a tile is read, cut, predicted and written the same way whoever
+runs it; training's validation and the
 exactness checks use :func:`tiled_region_logits`, the same windows and predictor kept in memory.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
-from pipeline.slides.geometry import Shard, TileGrid
+from pipeline.inference.predict import TilePredictor
+from pipeline.slides.geometry import Shard, TileGrid, tile_grid_for_model
 from pipeline.slides.sources import read_window
 from pipeline.text import one_line
 
@@ -105,6 +109,54 @@ def run_shard(plan: Any, shard: Shard, predictor: Any, batch_size: int, lock: An
     output = predict_shard(predictor, plan, shard, read_shard(plan, shard), batch_size, lock)
     write_shard(plan, shard, output)
     return output
+
+
+@dataclass
+class ShardOutcome:
+    """What the driver hears about one shard: its tiles, the model's seconds, or the one-line reason it failed."""
+
+    tiles: int = 0
+    model_seconds: float = 0.0
+    error: str | None = None
+
+
+SHARDS_IN_FLIGHT = 2  # calls per CPU actor: one reading or writing while the other is in the forward pass
+
+
+class ShardActor:
+    """One TilePredictor per actor (the model fetched from the object store once), for every slide of the run.
+
+    CPU actors run whole shards (:meth:`run`) with two calls at once: one shard's read and write (OpenSlide,
+    numpy, zarr: mostly outside the GIL) overlap the other's forward pass, and a lock keeps forward passes
+    one at a time, so the model's threads are never shared. GPU actors only predict (:meth:`predict`)."""
+
+    def __init__(self, model: Any, tile_size: int, device: str, amp: str | None, probabilities: bool,
+                 compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
+        if device == "cpu" and threads > 0:
+            torch.set_num_threads(threads)  # process-wide: the call threads pick it up at their first op
+        grid = tile_grid_for_model(model, (tile_size, tile_size), tile_size)  # the geometry every slide shares
+        self.predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, probabilities=probabilities,
+                                                compile=compile, batch_size=batch_size)  # fmt: skip
+        self.batch_size, self.forward_lock = batch_size, threading.Lock()
+
+    def run(self, plan: Any, shard: Shard) -> ShardOutcome:
+        try:
+            output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock)
+        except Exception as error:  # a bad read or a failed write fails this shard (and its slide) alone
+            return ShardOutcome(error=one_line(error))
+        return ShardOutcome(output.tiles, output.model_seconds)
+
+    def predict(self, plan: Any, shard: Shard, region: Any) -> ShardOutput:
+        return predict_shard(self.predictor, plan, shard, region, self.batch_size, self.forward_lock)
+
+
+def write_outcome(plan: Any, shard: Shard, output: ShardOutput) -> ShardOutcome:
+    """Write task of GPU runs: the shard whole, durable, then marked done."""
+    try:
+        write_shard(plan, shard, output)
+    except Exception as error:
+        return ShardOutcome(error=one_line(error))
+    return ShardOutcome(output.tiles, output.model_seconds)
 
 
 def tiled_region_logits(image: Any, grid: TileGrid, predictor: Any, origin: tuple[int, int] = (0, 0),

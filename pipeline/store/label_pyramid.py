@@ -1,9 +1,10 @@
-"""The label pyramid for viewers: levels 1..k by 2x nearest neighbour, each target shard built whole, once.
+"""The label pyramid for viewers: levels 1..k by 2x nearest neighbour, each shard written whole, once.
 
-Every level is sharded like level 0, so a target shard is one writer's unit: it is computed from the 2x2
-source shards below it and written in one piece (no partial-shard writes, which zarr-python cannot make
-safe when concurrent). Shards of a level are independent and run in threads (decoding and encoding release
-the GIL); levels run in order.
+Levels 1..``shard_levels`` are written with each level-0 shard, by its writer: their shards are the level-0
+shard's side halved per level, so level-0 shard (i, j) maps onto shard (i, j) of each of them (one writer per
+shard, no partial-shard writes, which zarr-python cannot make safe when concurrent), and they cost nothing
+after the last tile. Coarser levels are built after the last shard from the level below, a shard of the
+full side at a time, in threads; by then they hold 1/16 of the pixels or fewer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ import zarr
 from pipeline.store.durability import sync_files
 
 LABELS_PATH = "labels/segmentation"
+SHARD_PYRAMID_LEVELS = 2  # levels written with each shard: each saves reading the level below at the end, costs a file
+
+
+def shard_levels(shard_side: int, chunk: int, levels: int) -> int:
+    """How many pyramid levels (1..n) are written with each level-0 shard: their shard side, halved per level,
+    must stay a whole number of chunks."""
+    count = 0
+    while count < min(SHARD_PYRAMID_LEVELS, levels - 1):
+        side = shard_side >> (count + 1)
+        if side < chunk or side % chunk or (shard_side % (2 ** (count + 1))):
+            break
+        count += 1
+    return count
+
+
+def level_shard_side(shard_side: int, level: int, written_with_shards: int) -> int:
+    """The shard side of ``level``: halved per level while written with level-0 shards, else the full side."""
+    return shard_side >> level if level <= written_with_shards else shard_side
 
 
 def pyramid_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
@@ -32,13 +51,13 @@ def shard_boxes(array: zarr.Array) -> list[tuple[int, int, int, int]]:
     return [(y, x, min(y + sy, height), min(x + sx, width)) for y in range(0, height, sy) for x in range(0, width, sx)]
 
 
-def build_pyramid(path: str | Path, threads: int = 4) -> list[int]:
-    """Fill levels 1..k of the label pyramid from the level below (``level[::2, ::2]``), shard by shard.
+def build_pyramid(path: str | Path, threads: int = 4, first: int = 1) -> list[int]:
+    """Fill levels ``first``..k of the label pyramid from the level below (``level[::2, ::2]``), shard by shard.
 
     Returns the levels it wrote. Memory: a few source shards per thread (16 MiB each at the default
     4096-pixel shard), whatever the slide's size. Each shard's files are synced as it is written."""
     group = zarr.open_group(f"{path}/{LABELS_PATH}", mode="r+")
-    level = 1
+    level = first
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
         while str(level) in group:
             source, target = group[str(level - 1)], group[str(level)]
@@ -52,4 +71,4 @@ def build_pyramid(path: str | Path, threads: int = 4) -> list[int]:
 
             list(pool.map(build, shard_boxes(target)))
             level += 1
-    return list(range(1, level))
+    return list(range(first, level))

@@ -44,7 +44,7 @@ import zarr
 
 from pipeline.slides.geometry import Shard, TileGrid
 from pipeline.store.durability import durable_mkdir, durable_replace, sync_files, sync_tree
-from pipeline.store.label_pyramid import LABELS_PATH, build_pyramid, pyramid_shapes
+from pipeline.store.label_pyramid import LABELS_PATH, build_pyramid, level_shard_side, pyramid_shapes, shard_levels
 from pipeline.store.locking import check_lock_owner
 from pipeline.store.shard_state import (
     DONE_PATH, TILE_DONE, TILE_PENDING, TILE_SKIPPED, TISSUE_PATH, mark_shard_done, read_done_shards, read_tissue,
@@ -75,10 +75,11 @@ class OutputStore:
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)  # opened once per process
     _lock_checked: float = field(default=-LOCK_CHECK_SECONDS, repr=False, compare=False)
     _named: set = field(default_factory=set, repr=False, compare=False)  # folders whose names are durable
+    _with_shards: int | None = field(default=None, repr=False, compare=False)  # pyramid levels written per shard
 
     def __getstate__(self) -> dict:  # handles are reopened on the worker, the lock checked again
         return {"path": self.path, "grid": self.grid, "lock_token": self.lock_token, "_arrays": {},
-                "_lock_checked": -LOCK_CHECK_SECONDS, "_named": set()}  # fmt: skip
+                "_lock_checked": -LOCK_CHECK_SECONDS, "_named": set(), "_with_shards": None}  # fmt: skip
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -97,8 +98,13 @@ class OutputStore:
         then mark it done (durably). The only writer of its shard files; a retry rewrites the same bytes."""
         self.check_lock()  # before any byte: a job that lost its lock writes nothing more
         y0, x0, y1, x1 = shard.box
+        labels = labels[: y1 - y0, : x1 - x0]
         written = {f"{LABELS_PATH}/0": self.labels()}
-        written[f"{LABELS_PATH}/0"][y0:y1, x0:x1] = labels[: y1 - y0, : x1 - x0]
+        written[f"{LABELS_PATH}/0"][y0:y1, x0:x1] = labels
+        for level in range(1, self._shard_levels() + 1):  # its own shard of each: see label_pyramid
+            step = 2**level
+            written[f"{LABELS_PATH}/{level}"] = self.labels(level)
+            self.labels(level)[y0 // step : -(-y1 // step), x0 // step : -(-x1 // step)] = labels[::step, ::step]
         if probabilities is not None:
             written["probabilities/0"] = self._array("probabilities/0")
             written["probabilities/0"][:, y0:y1, x0:x1] = probabilities[:, : y1 - y0, : x1 - x0]
@@ -106,6 +112,14 @@ class OutputStore:
             key = array.metadata.encode_chunk_key((0,) * (array.ndim - 2) + (shard.row, shard.col))
             sync_files([Path(self.path, name, key)], Path(self.path, name), self._named)
         mark_shard_done(self.path, self._array(DONE_PATH), shard.row, shard.col, self._named)
+
+    def _shard_levels(self) -> int:
+        """Pyramid levels written with each shard (1..n): those whose shards halve the level-0 shard's side."""
+        if self._with_shards is None:
+            group = zarr.open_group(f"{self.path}/{LABELS_PATH}", mode="r")
+            levels = sum(1 for name in group.array_keys() if name.isdigit())
+            self._with_shards = shard_levels(self.grid.shard_side, self.labels().chunks[0], levels)
+        return self._with_shards
 
     def check_lock(self, force: bool = False) -> None:
         """Raise :class:`~pipeline.store.locking.StoreLockLostError` if another job took this store's lock over.
@@ -132,7 +146,7 @@ class OutputStore:
         if missing:
             raise RuntimeError(f"{self.path}: {missing} tiles are not written yet; not marking it complete")
         self.check_lock(force=True)  # now, not up to LOCK_CHECK_SECONDS ago
-        build_pyramid(self.path)  # each shard synced as it is written; level 0 and shards/done were already
+        build_pyramid(self.path, first=self._shard_levels() + 1)  # the levels below came with their shards
         root = self.root
         info = dict(root.attrs["wsi_unet"])
         info.update(tiles_segmented=int((states == TILE_DONE).sum()),
@@ -250,10 +264,12 @@ def _build_store(
     segmentation = labels_group.create_group("segmentation")
     shapes = pyramid_shapes(grid.shape, chunk)
     side = grid.shard_side
+    with_shards = shard_levels(side, chunk, len(shapes))
     for level, shape in enumerate(shapes):
+        level_side = level_shard_side(side, level, with_shards)
         segmentation.create_array(
-            str(level), shape=shape, chunks=(chunk, chunk), shards=(side, side), dtype="uint8", fill_value=0,
-            dimension_names=["y", "x"],
+            str(level), shape=shape, chunks=(chunk, chunk), shards=(level_side, level_side), dtype="uint8",
+            fill_value=0, dimension_names=["y", "x"],
         )  # fmt: skip
     segmentation.attrs["ome"] = {
         "version": "0.5",
