@@ -56,19 +56,28 @@ def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------------------- kill -9, then the same command
 @pytest.mark.slow
-def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
-    slide = str(shared_file("slides/cmu-1-small-region.svs"))
-    store_name = "cmu-1-small-region.zarr"
+def test_kill_9_of_a_cohort_job_then_rerun_ends_identical(artifact, tmp_path):
+    """A folder of three slides, the job killed while the first is mid-run (the others planned, running or done
+    beside it), then the same command: every store equals an uninterrupted run's, byte for byte."""
+    import tifffile
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "a-cmu.svs").symlink_to(shared_file("slides/cmu-1-small-region.svs"))
+    (cohort / "b-small.svs").symlink_to(shared_file("slides/small-16px.svs"))
+    tifffile.imwrite(cohort / "c-plain.tif", random_image(400, 300, seed=8), photometric="rgb")  # no µm/px: level 0
+    names = ["a-cmu.zarr", "b-small.zarr", "c-plain.zarr"]
     reference = tmp_path / "reference"  # what the job writes uninterrupted: the engine with the actor's one thread
     with torch_threads(1):
-        segment_slide(slide, reference / store_name, artifact, tile_size=256, target_mpp=0.5, tissue_mask=True,
-                      shard_tiles=2)
-    states = read_tile_states(reference / store_name)
+        for slide, name in zip(sorted(cohort.iterdir()), names):
+            segment_slide(str(slide), reference / name, artifact, tile_size=256, target_mpp=0.5, tissue_mask=True,
+                          shard_tiles=2)  # fmt: skip
+    states = read_tile_states(reference / names[0])
     skipped, segmented = int((states == 2).sum()), int((states == 1).sum())  # skipped: known at creation
     for moment, target in (("mid-run", skipped + segmented // 2), ("late", skipped + segmented * 4 // 5)):
         out = tmp_path / moment.replace(" ", "-")
-        store = out / store_name
-        running = job(slide, "--out", str(out), "--model", str(artifact), "--shard-tiles", "2",
+        store = out / names[0]
+        running = job(str(cohort), "--out", str(out), "--model", str(artifact), "--shard-tiles", "2",
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         while running.poll() is None and tile_states_written(store) < target:
             time.sleep(0.05)
@@ -78,13 +87,15 @@ def test_kill_9_of_the_job_then_rerun_ends_identical(artifact, tmp_path):
         assert running.returncode == -signal.SIGKILL, f"{moment}: the job ended before it was killed"
         if tile_states_written(store) < skipped + segmented:
             assert read_provenance(store)["status"] == "running", moment  # never looks finished
-        again = run_job(slide, "--out", str(out), "--model", str(artifact), "--shard-tiles", "2")
+        again = run_job(str(cohort), "--out", str(out), "--model", str(artifact), "--shard-tiles", "2")
         assert again.returncode == 0, again.stderr
         assert " earlier " in again.stdout  # the table says it resumed
         report = read_run_report(out)
-        assert report["summary"]["resumed"] == [slide] and report["slides"][0]["tiles_done_earlier"] > 0
-        assert_identical_stores(store, reference / store_name)
-        assert sorted(p.name for p in out.iterdir()) == [store_name, "run-reports"]  # no lock, no leftovers
+        first = str(cohort / "a-cmu.svs")
+        assert first in report["summary"]["resumed"] and report["summary"]["complete"] == 3
+        for name in names:
+            assert_identical_stores(out / name, reference / name)
+        assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [*names, "run-reports"]  # no lock, no leftovers
         assert len(list((out / "run-reports").iterdir())) == 2  # the killed run's report is kept, not overwritten
 
 
