@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--read-windows", type=int, default=None, help="windows per level and reader in the reads section (2000)")
     add("--cohort-sizes", type=int, nargs="+", default=None, help="slides per cohort run (default 100 1000 2000)")
     add("--cohort-slide-side", type=int, default=None, help="side of each cohort slide in px (default 1024)")
-    add("--cohort-big-gpx", type=float, default=None,
-        help="gigapixels of the big slide whose planning and after-last-tile work are timed (default 15; 0: none)")
+    add("--cohort-big-gpx", type=float, nargs="+", default=None,
+        help="gigapixels of big slides whose planning, after-last-tile work and files are measured (default 0.1 1 15; "
+        "0: none)")
     return p.parse_args(argv)
 
 
@@ -92,7 +93,8 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.read_windows = args.read_windows or (100 if quick else 2000)
     args.cohort_sizes = args.cohort_sizes or ([4, 8] if quick else [100, 1000, 2000])
     args.cohort_slide_side = args.cohort_slide_side or (512 if quick else 1024)
-    args.cohort_big_gpx = (0.0 if quick else 15.0) if args.cohort_big_gpx is None else args.cohort_big_gpx
+    big = args.cohort_big_gpx if args.cohort_big_gpx is not None else ([] if quick else [0.1, 1.0, 15.0])
+    args.cohort_big_gpx = [gpx for gpx in big if gpx > 0]
     return args
 
 
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         section["section_seconds"] = round(time.perf_counter() - started, 1)
         results["sections"][name] = section
         print_section(TITLES[name], section)
+        if "big_slides" in section:
+            print_section(TITLES[name] + ": big slides", section["big_slides"])
     path = write_json(results, args.json)
     print(f"\nresults: {path}")
     return results

@@ -164,3 +164,14 @@ def test_durability_section_counts_the_fsyncs_it_times(tmp_path):
     assert rows[("write shard", "off (no-op)")][4] == rows[("write shard", "on (the job)")][4]
     assert rows[("create store", "on (the job)")][4] > 5 and rows[("finalize", "on (the job)")][4] > 1
     common.markdown_table(section["columns"], section["rows"])
+
+
+def test_cohort_big_slide_times_planning_and_the_end_and_counts_the_files(tmp_path, tiny_slide):
+    from benchmarks import cohort
+
+    model = slides.small_model(tmp_path)
+    big = cohort.big_slide(tmp_path, tiny_slide, model, tile_size=64)
+    assert big["shards_written"] >= 1 and big["planning_s"] >= 0 and big["after_last_tile_s"] >= 0
+    stored = sum(1 for p in (tmp_path / "big-slide.zarr").rglob("*") if p.is_file())
+    assert big["files"] == stored and big["files_before"] > big["files"]  # a file per tile before, per shard now
+    assert cohort.files_before_shards((512, 512), 256, run=3, skipped=1) == 4 + 3 + 1 + 12  # level 1: one chunk
