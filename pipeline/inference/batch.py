@@ -11,6 +11,7 @@ their missing shards, outputs made with other settings are refused unless ``over
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 from pipeline.inference.engine import SegmentResult
 from pipeline.inference.ray_runner import PACKAGE_ROOT, RayOptions
 from pipeline.inference.ray_setup import init_ray
-from pipeline.inference.report import RunReport, expand_slide_inputs, failed_result, output_path_for
+from pipeline.inference.report import RunReport, expand_slide_inputs, failed_result, name_slide, output_path_for
 from pipeline.inference.scheduler import PlanRequest, Scheduler
 from pipeline.slides.sources import SlideLimits
 from pipeline.store.durability import durable_mkdir
@@ -153,22 +154,18 @@ def _run_items(items: Iterator, model, config: BatchConfig, options: RayOptions,
                     rest = failed_result(rest.slide, rest.output, f"{rest.slide}: {reason}", config.level or 0)
                 finished(rest)
             return
-        scheduler = Scheduler(_chain(item, items), model, options, finished,
+        scheduler = Scheduler(itertools.chain([item], items), model, options, finished,
                               probabilities=config.probabilities, tile_size=config.tile_size,
                               previews=config.previews, total=total)  # fmt: skip
         scheduler.run()
         return
 
 
-def _chain(first: Any, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
-
-
 def slide_items(slides: list[Path], out_dir: Path, model, config: BatchConfig,
                  locks: dict[str, StoreLock]) -> Iterator[PlanRequest | SegmentResult]:  # fmt: skip
     """Each slide, lazily: kept (complete with these settings), refused, or a plan request with its lock held."""
     settings = config.plan_settings(model)
+    wanted = _kept_settings(model, config, settings)  # once per batch: the model's checksum, a mask file's hash
     owners: dict[Path, Path] = {}
     for slide in slides:
         output = output_path_for(slide, out_dir)
@@ -177,14 +174,14 @@ def slide_items(slides: list[Path], out_dir: Path, model, config: BatchConfig,
             yield failed_result(slide, output, reason, config.level or 0)
             continue
         owners[output] = slide
-        kept = None if config.overwrite else kept_result(slide, output, model, config)
+        kept = None if config.overwrite else kept_result(slide, output, wanted)
         if kept is not None:
             yield kept
             continue
         try:
             lock = StoreLock(output).acquire()
         except StoreLockedError as error:  # another live job writes this output
-            yield failed_result(slide, output, _name_slide(slide, one_line(error)), config.level or 0)
+            yield failed_result(slide, output, name_slide(slide, one_line(error)), config.level or 0)
             continue
         except OSError as error:  # read-only or full disk, permissions
             reason = f"{slide}: cannot write its output in {out_dir} ({one_line(error)}); choose a writable --out"
@@ -194,21 +191,27 @@ def slide_items(slides: list[Path], out_dir: Path, model, config: BatchConfig,
         yield PlanRequest(slide, output, settings, lock.token)
 
 
-def kept_result(slide: Path, output: Path, model, config: BatchConfig) -> SegmentResult | None:
-    """The result of an output already complete for this slide, model and request, read from its metadata
-    alone (no slide opened, no task): None when it must be planned (absent, unfinished, other settings)."""
+def _kept_settings(model, config: BatchConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a complete store's provenance must say to be kept as it is (besides its source)."""
     from pipeline.slides.tissue_tiles import describe_tissue_option
     from unet.artifact import model_checksum
 
+    wanted = {"model_checksum": model_checksum(model), "tile_size": config.tile_size,
+              "probabilities": config.probabilities, "tissue": describe_tissue_option(config.tissue_mask),
+              "requested": {"level": settings["level"], "target_mpp": settings["target_mpp"]}}  # fmt: skip
+    if config.shard_tiles is not None:
+        wanted["shard_tiles"] = config.shard_tiles
+    return wanted
+
+
+def kept_result(slide: Path, output: Path, wanted: dict[str, Any]) -> SegmentResult | None:
+    """The result of an output already complete for this slide with the ``wanted`` settings, read from its
+    metadata alone (no slide opened, no task): None when it must be planned (absent, unfinished, other
+    settings: planning then resumes it or refuses it with its reason)."""
     existing = read_provenance(output)
     if not existing or existing.get("status") != "complete":
         return None
-    wanted = {"source": str(slide), "model_checksum": model_checksum(model), "tile_size": config.tile_size,
-              "probabilities": config.probabilities, "tissue": describe_tissue_option(config.tissue_mask),
-              "requested": _requested(config, model)}  # fmt: skip
-    if any(existing.get(key) != value for key, value in wanted.items()):
-        return None  # planning decides: resume refuses other settings with its reason
-    if config.shard_tiles is not None and existing.get("shard_tiles") != config.shard_tiles:
+    if any(existing.get(key) != value for key, value in {"source": str(slide), **wanted}.items()):
         return None
     return SegmentResult(
         slide=str(slide), output=str(output), shape=tuple(existing["shape"]), level=existing["level"],
@@ -216,14 +219,3 @@ def kept_result(slide: Path, output: Path, model, config: BatchConfig) -> Segmen
         tiles_run=0, tiles_skipped=existing.get("tiles_skipped", 0), seconds=0.0, kept=True,
         tiles_done_earlier=existing.get("tiles_segmented", 0),
     )  # fmt: skip
-
-
-def _requested(config: BatchConfig, model) -> dict[str, Any]:
-    """What the user asked for (before the slide resolves it): recorded in a store's provenance."""
-    settings = config.plan_settings(model)
-    return {"level": settings["level"], "target_mpp": settings["target_mpp"]}
-
-
-def _name_slide(slide: Path, reason: str) -> str:
-    """Every failure line names its file (some library errors name only the output or nothing)."""
-    return reason if str(slide) in reason or slide.name in reason else f"{slide}: {reason}"

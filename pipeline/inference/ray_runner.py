@@ -90,8 +90,7 @@ def check_cpus_left(options: RayOptions) -> None:
 
 def plan_remote(request: Any, model: Any) -> SlidePlan:
     """Plan task: one slide planned on a cluster CPU; the plan travels without its slide's open handles."""
-    plan = plan_slide(request.slide, request.output, model, **request.settings, lock_token=request.lock_token)
-    return plan
+    return plan_slide(request.slide, request.output, model, **request.settings, lock_token=request.lock_token)
 
 
 def finalize_remote(plan: SlidePlan, preview: bool) -> str | None:

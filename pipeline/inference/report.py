@@ -64,6 +64,11 @@ def output_path_for(slide: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir) / f"{safe_stem(slide)}.zarr"
 
 
+def name_slide(slide: str | Path, reason: str) -> str:
+    """Every failure line names its file (some library errors name only the output or nothing)."""
+    return reason if str(slide) in reason or Path(slide).name in reason else f"{slide}: {reason}"
+
+
 def failed_result(slide: str | Path, output: str | Path, reason: str, level: int = 0) -> SegmentResult:
     """The result of a slide that could not start (bad path, unopenable, output exists, ...)."""
     return SegmentResult(

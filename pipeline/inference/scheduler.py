@@ -49,6 +49,7 @@ class SlideRun:
     plan: SlidePlan
     started: float
     queue: deque = field(default_factory=deque)
+    task_plan: Any = None  # the plan without its shards, in the object store once: every task of the slide gets it
     running: int = 0
     tiles: int = 0
     model_seconds: float = 0.0
@@ -145,7 +146,9 @@ class Scheduler:
                 self._start(item, time.perf_counter())
 
     def _start(self, plan: SlidePlan, started: float) -> None:
-        run = SlideRun(plan, started, deque(plan.shards))
+        import ray
+
+        run = SlideRun(plan, started, deque(plan.shards), ray.put(without_shards(plan)))
         self.slides[self.next_id] = run
         self.next_id += 1
         self.progress.slide_started(plan)
@@ -165,7 +168,7 @@ class Scheduler:
             in_flight += 1
 
     def _submit(self, slide_id: int, shard: Shard) -> None:
-        plan = without_shards(self.slides[slide_id].plan)
+        plan = self.slides[slide_id].task_plan
         actor = min(range(len(self.actors)), key=self.actor_load.__getitem__)
         self.actor_load[actor] += 1
         if self.options.reads_in_actor:
@@ -223,7 +226,7 @@ class Scheduler:
                 run.error = f"{run.error} ({untouched} tiles not run)" if untouched else run.error
             self._complete(self.slides.pop(slide_id))
             return
-        ref = self.pieces["finalize"].remote(without_shards(run.plan), self.previews)
+        ref = self.pieces["finalize"].remote(run.task_plan, self.previews)
         self.waiting[ref] = ("finalize", slide_id)
 
     def _complete(self, run: SlideRun) -> None:
@@ -317,10 +320,10 @@ def _reason(failure: BaseException) -> str:
 
 
 def _plan_failure(request: PlanRequest, reason: str) -> SegmentResult:
-    from pipeline.inference.report import failed_result
+    from pipeline.inference.report import failed_result, name_slide
 
-    text = reason if str(request.slide) in reason or request.slide.name in reason else f"{request.slide}: {reason}"
-    return failed_result(request.slide, request.output, text, request.settings.get("level") or 0)
+    return failed_result(request.slide, request.output, name_slide(request.slide, reason),
+                         request.settings.get("level") or 0)  # fmt: skip
 
 
 class _CohortProgress:

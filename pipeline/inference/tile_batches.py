@@ -41,9 +41,10 @@ def read_shard(plan: Any, shard: Shard) -> np.ndarray:
     return plan.slide.read_region(*plan.grid.input_box(shard.tiles))
 
 
-def cut_windows(region: np.ndarray, grid: TileGrid, shard: Shard, tiles: Iterable[Any]) -> np.ndarray:
-    """(N, I, I, C) input windows of ``tiles`` (of ``shard``) cut from its region: each equals its own read."""
-    top, left, _, _ = grid.input_box(shard.tiles)
+def cut_windows(region: np.ndarray, origin: tuple[int, int], grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray:
+    """(N, I, I, C) input windows of ``tiles`` cut from a region read at ``origin`` (slide pixels): each equals
+    its own read."""
+    top, left = origin
     size = grid.input_size
     windows = []
     for tile in tiles:
@@ -72,9 +73,10 @@ def predict_shard(predictor: Any, plan: Any, shard: Shard, region: np.ndarray, b
     labels = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
     probabilities = None
     model_seconds = 0.0
+    origin = grid.input_box(shard.tiles)[:2]  # where read_shard read the region
     for start in range(0, len(shard.tiles), batch_size):
         tiles = shard.tiles[start : start + batch_size]
-        windows = cut_windows(region, grid, shard, tiles)
+        windows = cut_windows(region, origin, grid, tiles)
         with lock or nullcontext():
             before = predictor.busy_seconds
             output = predictor(windows)

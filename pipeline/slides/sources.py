@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.slides.geometry import TileGrid, Tile, window_source
+from pipeline.slides.geometry import TileGrid, window_source
 
 if TYPE_CHECKING:  # dask is imported where it is used: workers that only read tiles start ~1 s sooner
     import dask.array as da
@@ -185,19 +185,6 @@ def read_region(array: Any, y: int, x: int, height: int, width: int) -> np.ndarr
     return block[yidx][:, xidx]
 
 
-def input_windows(slide: da.Array, grid: TileGrid, tiles: list[Tile] | None = None) -> da.Array:
-    """Lazy (N, I, I, C) Dask array of the tiles' mirrored input windows cut from a Dask slide."""
-    import dask.array as da
-
-    windows = []
-    for tile in tiles if tiles is not None else list(grid):
-        y, x = grid.input_origin(tile)
-        ylo, yhi, yidx = window_source(y, grid.input_size, slide.shape[0])
-        xlo, xhi, xidx = window_source(x, grid.input_size, slide.shape[1])
-        windows.append(slide[ylo:yhi, xlo:xhi][yidx][:, xidx])
-    return da.stack(windows)
-
-
 def shard_input_blocks(level: da.Array, grid: TileGrid) -> da.Array:
     """The Dask description of the split: block (i, j) is the input region of shard (i, j), mirror padding included.
 
@@ -212,6 +199,8 @@ def shard_input_blocks(level: da.Array, grid: TileGrid) -> da.Array:
     import dask.array as da
 
     reach = grid.input_size - grid.tile_size  # rows and columns a shard's windows read past its end
+    if grid.shard_side < reach:  # dask.array.overlap needs chunks at least as deep as the overlap
+        raise ValueError(f"shards of {grid.shard_side} px are narrower than the windows' reach past them ({reach} px)")
     pads, chunks = [], []
     for axis, length in enumerate(grid.shape):
         tiles = grid.rows if axis == 0 else grid.cols

@@ -102,9 +102,9 @@ class OutputStore:
         written = {f"{LABELS_PATH}/0": self.labels()}
         written[f"{LABELS_PATH}/0"][y0:y1, x0:x1] = labels
         for level in range(1, self._shard_levels() + 1):  # its own shard of each: see label_pyramid
-            step = 2**level
-            written[f"{LABELS_PATH}/{level}"] = self.labels(level)
-            self.labels(level)[y0 // step : -(-y1 // step), x0 // step : -(-x1 // step)] = labels[::step, ::step]
+            step, name = 2**level, f"{LABELS_PATH}/{level}"
+            written[name] = self.labels(level)
+            written[name][y0 // step : -(-y1 // step), x0 // step : -(-x1 // step)] = labels[::step, ::step]
         if probabilities is not None:
             written["probabilities/0"] = self._array("probabilities/0")
             written["probabilities/0"][:, y0:y1, x0:x1] = probabilities[:, : y1 - y0, : x1 - x0]
