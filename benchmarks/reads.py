@@ -9,6 +9,10 @@ its level 1 has a non-integer downsample (as real scanners' levels do). Each rea
   origin ``round(x * downsample)``, composited on white; at a non-integer level it is not exact.
 * ``native, N decode threads``: :mod:`pipeline.slides.tiff_reader`, the level's own tiles, a process-wide cache
   of decoded tiles, the tiles a window needs decoded in N threads.
+* ``native, Dask shard blocks (the job)``: what the job reads since shards: each shard's input block, read once
+  through its culled Dask graph (:class:`pipeline.slides.shard_blocks.ShardBlocks`, default decode threads),
+  windows cut from it 4 at a time; every shard that holds one of the section's windows is read whole and all its windows
+  are counted.
 * ``tifffile via zarr``: tifffile's own ``aszarr`` store read through zarr, for reference.
 
 "exact" says whether every window equals the same window of the level's raster, read whole by tifffile.
@@ -30,7 +34,7 @@ from benchmarks.common import load_watch, run_isolated
 COLUMNS = ["level", "downsample", "reader", "windows", "ms per window", "windows/s", "output Mpx/s",
            "× before", "exact", "load (1 min)"]  # fmt: skip
 READERS = ("openslide region (before)", "native, 1 decode thread (after, default)", "native, 2 decode threads",
-           "tifffile via zarr")  # fmt: skip
+           "native, Dask shard blocks (the job)", "tifffile via zarr")  # fmt: skip
 
 
 def odd_slide(workdir: Path, side: int) -> Path:
@@ -81,12 +85,38 @@ def read_all(reader: str, path: str, level: int, origins: list[tuple[int, int, i
         import zarr
 
         source = ArraySource(zarr.open_array(tifffile.imread(path, aszarr=True, level=level), mode="r"))
+    if "shard blocks" in reader:  # imported once per process by the job's workers; not a cost per read
+        import dask.array.optimization  # noqa: F401
+        import dask.local  # noqa: F401
     started = time.perf_counter()
-    cut = [read_window(source, y, x, size) for y, x, size in origins]
+    if "shard blocks" in reader:
+        origins, cut = shard_block_windows(source, origins)
+    else:
+        cut = [read_window(source, y, x, size) for y, x, size in origins]
     seconds = time.perf_counter() - started
     whole = tifffile.imread(path, level=level)
     exact = all((w == read_window(whole, y, x, size)).all() for w, (y, x, size) in zip(cut, origins))
     return {"seconds": seconds, "windows": len(origins), "exact": exact}
+
+
+def shard_block_windows(source: Any, origins: list[tuple[int, int, int]]) -> tuple[list, list[np.ndarray]]:
+    """Every window of the shards (16 x 16 tiles) that hold ``origins``' windows, cut from one block read each."""
+    from pipeline.inference.tile_batches import cut_windows
+    from pipeline.slides.geometry import make_tile_grid
+    from pipeline.slides.shard_blocks import ShardBlocks
+
+    halo, size = -origins[0][0], origins[0][2]
+    grid = make_tile_grid(source.size, size - 2 * halo, halo=halo, alignment=1, input_size=size, shard_tiles=16)
+    blocks = ShardBlocks(source, grid)
+    wanted = {(y + halo, x + halo) for y, x, _ in origins}
+    shards = [shard for shard in grid.shards() if any((t.y, t.x) in wanted for t in shard.tiles)]
+    cut, read = [], []
+    for shard in shards:
+        block = blocks.read(shard)
+        for start in range(0, len(shard.tiles), 4):  # cut a batch at a time, as the job does
+            cut.extend(cut_windows(*block, grid, shard.tiles[start : start + 4]))
+        read.extend((*grid.input_origin(tile), size) for tile in shard.tiles)
+    return read, cut
 
 
 def run(workdir: Path, *, side: int, tile_size: int, halo: int, limit: int) -> dict[str, Any]:

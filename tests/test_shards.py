@@ -10,7 +10,8 @@ from conftest import random_image, shared_file, varied_unet
 from pipeline.inference.tile_batches import cut_windows, read_shard
 from pipeline.slides.geometry import default_shard_tiles, make_tile_grid, tile_grid_for_model
 from pipeline.slides.pyramid import open_slide
-from pipeline.slides.sources import ArraySource, shard_input_blocks
+from pipeline.slides.shard_blocks import ShardBlocks
+from pipeline.slides.sources import ArraySource
 
 
 @pytest.mark.parametrize("shape, tile, shard_tiles", [((1000, 700), 128, 3), ((256, 256), 64, 4), ((300, 1), 32, 2)])
@@ -39,14 +40,18 @@ def test_only_shards_with_tiles_to_run_are_listed():
 
 
 def _check_blocks_equal_reads(slide, grid) -> None:
-    blocks = shard_input_blocks(slide.to_dask(grid.shard_side), grid)
-    assert blocks.numblocks[:2] == (grid.shard_rows, grid.shard_cols)
+    """Each Dask block is the slide's mirrored region at its origin, and the windows cut from it are the
+    per-tile reads, exactly (read_region and read_window mirror with numpy's np.pad "symmetric")."""
+    blocks = ShardBlocks(slide, grid)
+    assert blocks.blocks.numblocks[:2] == (grid.shard_rows, grid.shard_cols)
     plan = type("Plan", (), {"slide": slide, "grid": grid})()
     for shard in grid.shards():
-        block = blocks.blocks[shard.row, shard.col].compute(scheduler="sync")
-        region = read_shard(plan, shard)
-        assert block.shape == region.shape and np.array_equal(block, region), (shard.row, shard.col)
-        windows = cut_windows(region, grid.input_box(shard.tiles)[:2], grid, shard.tiles)
+        region, origin = read_shard(plan, shard, blocks)
+        whole = blocks.blocks.blocks[shard.row, shard.col].compute(scheduler="sync")  # Dask's own scheduler agrees
+        assert np.array_equal(region, whole), (shard.row, shard.col)
+        assert origin == (shard.box[0] - grid.halo, shard.box[1] - grid.halo)
+        assert np.array_equal(region, slide.read_region(*origin, *region.shape[:2]))
+        windows = cut_windows(region, origin, grid, shard.tiles)
         for window, tile in zip(windows, shard.tiles):  # one read per shard gives today's windows, exactly
             assert np.array_equal(window, slide.read_window(*grid.input_origin(tile), grid.input_size))
 
@@ -62,3 +67,16 @@ def test_dask_blocks_equal_the_shard_reads_on_real_slides(name, level):
     slide = open_slide(shared_file(f"slides/{name}"), level)
     grid = tile_grid_for_model(varied_unet(), slide.size, 64, shard_tiles=3)
     _check_blocks_equal_reads(slide, grid)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (40, 3), (300, 260)])
+def test_dask_blocks_mirror_like_numpy_even_past_a_slide_smaller_than_the_halo(shape):
+    image = ArraySource(random_image(*shape, seed=5))
+    grid = make_tile_grid(shape, 32, halo=20, alignment=4, input_size=76, shard_tiles=3)
+    _check_blocks_equal_reads(image, grid)
+
+
+def test_shards_narrower_than_the_windows_reach_are_refused_with_advice():
+    grid = make_tile_grid((200, 200), 16, halo=20, alignment=4, input_size=56, shard_tiles=1)
+    with pytest.raises(ValueError, match="narrower than the windows' reach.*more tiles per shard"):
+        ShardBlocks(ArraySource(random_image(200, 200)), grid)

@@ -8,7 +8,7 @@ import zarr
 from conftest import random_image, shared_file
 from pipeline import SlideError, make_tile_grid, open_slide
 from pipeline.inference.tile_batches import cut_windows
-from pipeline.slides.sources import shard_input_blocks
+from pipeline.slides.shard_blocks import ShardBlocks
 
 
 def test_numpy_zarr_tiff_and_dask_sources_read_the_same_pixels(tmp_path):
@@ -28,9 +28,8 @@ def test_dask_input_windows_equal_the_direct_reads():
     image = random_image(70, 90)
     source = open_slide(image)
     grid = make_tile_grid((70, 90), 32, halo=20, alignment=4, input_size=76, shard_tiles=2)
-    blocks = shard_input_blocks(source.to_dask(64), grid)
-    windows = np.stack([cut_windows(blocks.blocks[s.row, s.col].compute(), grid.input_box(s.tiles)[:2], grid, [t])[0]
-                        for s in grid.shards() for t in s.tiles])  # fmt: skip
+    blocks = ShardBlocks(source, grid)
+    windows = np.stack([cut_windows(*blocks.read(s), grid, [t])[0] for s in grid.shards() for t in s.tiles])
     direct = np.stack([source.read_window(*grid.input_origin(t), 76) for s in grid.shards() for t in s.tiles])
     assert windows.shape == (len(grid), 76, 76, 3) and (windows == direct).all()
 

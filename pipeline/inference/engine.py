@@ -25,6 +25,7 @@ from pipeline.inference.tile_batches import (
 from pipeline.slides.resolution import open_for_segmentation
 from pipeline.slides.pyramid import open_slide
 from pipeline.slides.sources import SlideLimits, SlideSource
+from pipeline.slides.shard_blocks import ShardBlocks
 from pipeline.store.locking import StoreLock
 from pipeline.store.output_store import OutputStore, create_output_store, open_existing_store
 from pipeline.store.shard_state import TILE_DONE, TILE_PENDING, TILE_SKIPPED
@@ -294,13 +295,14 @@ def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, devic
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=plan.probabilities)
     bar = TileProgress(plan, progress)
     done = 0
+    blocks = ShardBlocks(plan.slide, plan.grid) if plan.shards else None
     with ThreadPoolExecutor(max_workers=1) as reader:  # read the next shard while this one runs
-        upcoming = reader.submit(read_shard, plan, plan.shards[0]) if plan.shards else None
+        upcoming = reader.submit(read_shard, plan, plan.shards[0], blocks) if plan.shards else None
         for index, shard in enumerate(plan.shards):
-            region = upcoming.result()
+            block = upcoming.result()
             if index + 1 < len(plan.shards):
-                upcoming = reader.submit(read_shard, plan, plan.shards[index + 1])
-            write_shard(plan, shard, predict_shard(predictor, plan, shard, region, batch_size))
+                upcoming = reader.submit(read_shard, plan, plan.shards[index + 1], blocks)
+            write_shard(plan, shard, predict_shard(predictor, plan, shard, block, batch_size))
             done += len(shard.tiles)
             bar.update(len(shard.tiles), done, predictor.busy_seconds)
     bar.close()

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.inference.predict import TilePredictor
 from pipeline.slides.geometry import Shard, TileGrid, tile_grid_for_model
+from pipeline.slides.shard_blocks import ShardBlocks
 from pipeline.slides.sources import read_window
 from pipeline.text import one_line
 
@@ -36,9 +37,14 @@ def read_windows(slide: Any, grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray
     return np.stack([window_of(slide, grid, tile) for tile in tiles])
 
 
-def read_shard(plan: Any, shard: Shard) -> np.ndarray:
-    """The shard's input region, read once: every window of its tiles to run, mirrored at the slide border."""
-    return plan.slide.read_region(*plan.grid.input_box(shard.tiles))
+ShardInput = tuple  # (pixels (h, w, C) uint8, origin (y, x) in slide pixels): a shard's input block
+
+
+def read_shard(plan: Any, shard: Shard, blocks: ShardBlocks | None = None) -> ShardInput:
+    """The shard's input block, read once: every window of its tiles, mirrored at the slide border.
+
+    ``blocks``: the slide's :class:`ShardBlocks`, built once per slide by callers that read many shards."""
+    return (blocks or ShardBlocks(plan.slide, plan.grid)).read(shard)
 
 
 def cut_windows(region: np.ndarray, origin: tuple[int, int], grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray:
@@ -63,7 +69,7 @@ class ShardOutput:
     tiles: int
 
 
-def predict_shard(predictor: Any, plan: Any, shard: Shard, region: np.ndarray, batch_size: int,
+def predict_shard(predictor: Any, plan: Any, shard: Shard, block: ShardInput, batch_size: int,
                   lock: Any = None) -> ShardOutput:  # fmt: skip
     """Run the shard's tiles in batches of ``batch_size`` and paste each valid centre into the shard's block.
 
@@ -73,7 +79,7 @@ def predict_shard(predictor: Any, plan: Any, shard: Shard, region: np.ndarray, b
     labels = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
     probabilities = None
     model_seconds = 0.0
-    origin = grid.input_box(shard.tiles)[:2]  # where read_shard read the region
+    region, origin = block
     for start in range(0, len(shard.tiles), batch_size):
         tiles = shard.tiles[start : start + batch_size]
         windows = cut_windows(region, origin, grid, tiles)
@@ -106,9 +112,10 @@ def write_shard(plan: Any, shard: Shard, output: ShardOutput) -> None:
         raise ShardWriteError(f"writing {plan.store.path}: {one_line(error)}") from error
 
 
-def run_shard(plan: Any, shard: Shard, predictor: Any, batch_size: int, lock: Any = None) -> ShardOutput:
-    """Read, predict and write one shard (the in-process engine and CPU actors)."""
-    output = predict_shard(predictor, plan, shard, read_shard(plan, shard), batch_size, lock)
+def run_shard(plan: Any, shard: Shard, predictor: Any, batch_size: int, lock: Any = None,
+              blocks: ShardBlocks | None = None) -> ShardOutput:  # fmt: skip
+    """Read, predict and write one shard (CPU actors)."""
+    output = predict_shard(predictor, plan, shard, read_shard(plan, shard, blocks), batch_size, lock)
     write_shard(plan, shard, output)
     return output
 
@@ -132,6 +139,8 @@ class ShardActor:
     numpy, zarr: mostly outside the GIL) overlap the other's forward pass, and a lock keeps forward passes
     one at a time, so the model's threads are never shared. GPU actors only predict (:meth:`predict`)."""
 
+    SLIDES_KEPT = 4  # slides whose block descriptions an actor keeps (it works on one or two at a time)
+
     def __init__(self, model: Any, tile_size: int, device: str, amp: str | None, probabilities: bool,
                  compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
         if device == "cpu" and threads > 0:
@@ -140,16 +149,25 @@ class ShardActor:
         self.predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, probabilities=probabilities,
                                                 compile=compile, batch_size=batch_size)  # fmt: skip
         self.batch_size, self.forward_lock = batch_size, threading.Lock()
+        self.blocks: dict[tuple[str, TileGrid], ShardBlocks] = {}  # per slide in flight (by its store: unique in a run)
+
+    def blocks_for(self, plan: Any) -> ShardBlocks:
+        key = (str(plan.store.path), plan.grid)
+        if key not in self.blocks:
+            while len(self.blocks) >= self.SLIDES_KEPT:
+                self.blocks.pop(next(iter(self.blocks)))  # the oldest slide: finished, or read again at ~0.1 s
+            self.blocks[key] = ShardBlocks(plan.slide, plan.grid)
+        return self.blocks[key]
 
     def run(self, plan: Any, shard: Shard) -> ShardOutcome:
         try:
-            output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock)
+            output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock, self.blocks_for(plan))
         except Exception as error:  # a bad read or a failed write fails this shard (and its slide) alone
             return ShardOutcome(error=one_line(error))
         return ShardOutcome(output.tiles, output.model_seconds)
 
-    def predict(self, plan: Any, shard: Shard, region: Any) -> ShardOutput:
-        return predict_shard(self.predictor, plan, shard, region, self.batch_size, self.forward_lock)
+    def predict(self, plan: Any, shard: Shard, block: ShardInput) -> ShardOutput:
+        return predict_shard(self.predictor, plan, shard, block, self.batch_size, self.forward_lock)
 
 
 def write_outcome(plan: Any, shard: Shard, output: ShardOutput) -> ShardOutcome:

@@ -105,15 +105,6 @@ class TileGrid:
         shards = (self.shard(r, c, run) for r in range(self.shard_rows) for c in range(self.shard_cols))
         return [shard for shard in shards if shard.tiles]
 
-    def input_box(self, tiles: tuple[Tile, ...]) -> tuple[int, int, int, int]:
-        """(y, x, height, width) of the smallest region that holds every input window of ``tiles``.
-
-        One read of it replaces one read per tile (each window repeats most of its tile's area in halo)."""
-        ys = [t.y for t in tiles]
-        xs = [t.x for t in tiles]
-        return (min(ys) - self.halo, min(xs) - self.halo, max(ys) - min(ys) + self.input_size,
-                max(xs) - min(xs) + self.input_size)  # fmt: skip
-
 
 @dataclass(frozen=True)
 class Shard:

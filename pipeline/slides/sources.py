@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.slides.geometry import TileGrid, window_source
+from pipeline.slides.geometry import window_source
 
 if TYPE_CHECKING:  # dask is imported where it is used: workers that only read tiles start ~1 s sooner
     import dask.array as da
@@ -183,33 +183,6 @@ def read_region(array: Any, y: int, x: int, height: int, width: int) -> np.ndarr
     if yhi - ylo == height and (yidx == np.arange(height)).all() and xhi - xlo == width and (xidx == np.arange(width)).all():
         return block
     return block[yidx][:, xidx]
-
-
-def shard_input_blocks(level: da.Array, grid: TileGrid) -> da.Array:
-    """The Dask description of the split: block (i, j) is the input region of shard (i, j), mirror padding included.
-
-    ``level`` is the lazy (H, W, C) level. It is padded with numpy's ``"symmetric"`` mirror (what
-    ``dask.array.overlap`` calls ``"reflect"``) by the halo at the top and left and by the halo plus the last
-    tiles' overhang at the bottom and right, cut into shard-sized chunks, and each chunk overlapped into
-    its bottom and right neighbours by ``input_size - tile_size``, the windows' reach past their shard.
-    The executors read exactly these blocks, one task per shard (:meth:`SlideSource.read_region` of
-    :meth:`TileGrid.input_box`); tests check the two agree. Dask's mirror is numpy's only where the pad
-    is narrower than the level (slides larger than a tile's reach), which is what this describes.
-    """
-    import dask.array as da
-
-    reach = grid.input_size - grid.tile_size  # rows and columns a shard's windows read past its end
-    if grid.shard_side < reach:  # dask.array.overlap needs chunks at least as deep as the overlap
-        raise ValueError(f"shards of {grid.shard_side} px are narrower than the windows' reach past them ({reach} px)")
-    pads, chunks = [], []
-    for axis, length in enumerate(grid.shape):
-        tiles = grid.rows if axis == 0 else grid.cols
-        padded = tiles * grid.tile_size + reach  # from -halo to the last window's end
-        pads.append((grid.halo, padded - grid.halo - length))
-        count = -(-tiles // grid.shard_tiles)
-        chunks.append((grid.shard_side,) * (count - 1) + (padded - (count - 1) * grid.shard_side,))
-    padded = da.pad(level, (*pads, (0, 0)), mode="symmetric").rechunk((*chunks, level.shape[2]))
-    return da.overlap.overlap(padded, depth={0: (0, reach), 1: (0, reach), 2: 0}, boundary="none")
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
