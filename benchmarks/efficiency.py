@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import TreeMemory, load_watch, process_tree, run_isolated, timed_rate
 
-COLUMNS = ["config", "actor threads", "Ray CPUs", "tiles", "end-to-end s", "end-to-end Mpx/s",
+COLUMNS = ["config", "precision", "actor threads", "Ray CPUs", "tiles", "end-to-end s", "end-to-end Mpx/s",
            "bare forward Mpx/s", "efficiency", "beyond the forward s", "model busy", "forward Mpx/s in the actor",
            "peak PSS MiB", "load (1 min)"]  # fmt: skip
 
@@ -100,12 +100,14 @@ def worker_niceness() -> int:
 
 
 def pipeline_run(slide: Path, model, out_dir: Path, options, tile_size: int, tissue_mask: Any = None,
-                 previews: bool = True) -> dict:  # fmt: skip
-    """segment_batch on one slide (Ray already started): wall seconds, tiles, output Mpx/s, peak memory."""
+                 previews: bool = True, target_mpp: float | None = None) -> dict:  # fmt: skip
+    """segment_batch on one slide (Ray already started): wall seconds, tiles, output Mpx/s, peak memory.
+    ``target_mpp``: segment at that µm/px (resampled reads when it is not a level's)."""
     from pipeline.inference.batch import BatchConfig, segment_batch
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    config = BatchConfig(tile_size=tile_size, tissue_mask=tissue_mask, overwrite=True, previews=previews)
+    config = BatchConfig(tile_size=tile_size, tissue_mask=tissue_mask, overwrite=True, previews=previews,
+                         target_mpp=target_mpp)  # fmt: skip
     with TreeMemory() as memory:
         started = time.perf_counter()
         run = segment_batch([str(slide)], out_dir, model, config, options)
@@ -141,19 +143,23 @@ def start_ray(num_cpus: int | None) -> None:
 
 
 def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus: int | None, tile_size: int,
-            forward_seconds: float, previews: bool = True, isolate: bool = True) -> dict[str, Any]:  # fmt: skip
+            forward_seconds: float, previews: bool = True, isolate: bool = True,
+            target_mpp: float | None = None) -> dict[str, Any]:  # fmt: skip
     """One row: bare forward (before), the job's pipeline, bare forward (after). ``isolate=False`` measures the
-    bare forward in this process at this process's niceness (quicker; for tests)."""
+    bare forward in this process at this process's niceness (quicker; for tests). ``target_mpp``: the
+    pipeline reads resampled; the bare forward's windows are native (the forward's cost does not depend on them)."""
     threads = max(1, int(options.cpus_per_actor))
     grid, windows = pre_read_windows(slide, model, tile_size, options.batch_size)
-    record: dict[str, Any] = {"config": label, "options": asdict(options), "threads": threads, "num_cpus": num_cpus}
+    record: dict[str, Any] = {"config": label, "options": asdict(options), "threads": threads, "num_cpus": num_cpus,
+                              "precision": precision_name(options.amp, options.device)}  # fmt: skip
     start_ray(num_cpus)
     record["niceness"] = niceness = worker_niceness() if isolate else None
     forward = (model, grid, windows, threads, forward_seconds, options.device, options.amp, options.compile)
     bare = (lambda: isolated_bare_forward(niceness, *forward)) if isolate else (lambda: bare_forward(*forward))
     with load_watch(record):
         before = bare()
-        run = pipeline_run(slide, model, workdir / f"eff-{label}", options, tile_size, previews=previews)
+        run = pipeline_run(slide, model, workdir / f"eff-{label.replace(', ', '-')}", options, tile_size,
+                           previews=previews, target_mpp=target_mpp)  # fmt: skip
         after = bare()
     rate = (before["mpx_per_s"] + after["mpx_per_s"]) / 2
     record.update(pipeline=run, bare_before=before, bare_after=after, bare_mpx_per_s=rate,
@@ -163,7 +169,7 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
 
 def row(record: dict[str, Any]) -> list[Any]:
     run = record["pipeline"]
-    return [record["config"], record["threads"], record["num_cpus"] or "all", run["tiles_run"], run["wall_s"],
+    return [record["config"], record["precision"], record["threads"], record["num_cpus"] or "all", run["tiles_run"], run["wall_s"],
             run["mpx_per_s"], record["bare_mpx_per_s"], record["efficiency"], record["overhead_s"], run["model_busy"],
             run["actor_forward_mpx_per_s"], run["memory"]["peak_pss_mib"],
             f"{record['load_before'][0]} -> {record['load_after'][0]}"]  # fmt: skip
@@ -183,21 +189,37 @@ def configs(cpus: int, actors: int, batch_size: int) -> list[tuple[str, dict, in
             for label, extra, n in layouts]  # fmt: skip
 
 
+def precision_name(amp: str | None, device: str) -> str:
+    """What ``amp`` resolves to on ``device`` here: "bfloat16", "float16" or "float32"."""
+    from pipeline.inference.predict import resolve_amp, resolve_device
+
+    dtype = resolve_amp(amp, resolve_device(device))
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, actors: int, forward_seconds: float,
-        layouts: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+        layouts: list[str] | None = None, amp: str | None = "auto",
+        reads: tuple[str, ...] = ("native",)) -> dict[str, Any]:  # fmt: skip
+    """Each layout, with native reads and/or ``"resampled"`` ones (segmented at twice the slide's µm/px)."""
     import os
 
     import ray
 
     from pipeline.inference.ray_runner import RayOptions
+    from pipeline.slides.pyramid import open_slide
 
+    mpp = open_slide(slide).mpp
     records = []
     try:
         for label, overrides, num_cpus in configs(os.cpu_count() or 1, actors, batch_size):
             if layouts and label not in layouts:
                 continue
-            records.append(measure(slide, model, workdir, label=label, options=RayOptions(**overrides),
-                                   num_cpus=num_cpus, tile_size=tile_size, forward_seconds=forward_seconds))  # fmt: skip
+            for read in reads:
+                target_mpp = 2 * mpp if read == "resampled" else None
+                records.append(measure(slide, model, workdir, label=f"{label}, {read}",
+                                       options=RayOptions(**overrides, amp=amp), num_cpus=num_cpus,
+                                       tile_size=tile_size, forward_seconds=forward_seconds,
+                                       target_mpp=target_mpp))  # fmt: skip
     finally:
         ray.shutdown()
     return {
@@ -210,6 +232,7 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
             "tiles (start-up of the actor and task workers, reads, writes, pyramid, preview, report). 'model busy': "
             "the share of the end-to-end time the actor spent in forward passes (timed in the actor, so immune to the "
             "machine's speed drifting between measurements); efficiency ~= model busy x (forward Mpx/s in the actor / "
-            "bare forward Mpx/s).",
+            "bare forward Mpx/s). 'resampled': segmented at twice the slide's µm/px, so every window is resampled by "
+            "2 from level 0 (what a 0.25 µm/px scan costs a 0.5 µm/px model); Mpx/s counts output pixels.",
         ],
     }  # fmt: skip

@@ -17,6 +17,8 @@ Sections (``--sections``, default all):
   durability  cost of the fsyncs per shard written, per store created and per finalize (same writes, fsync on/off)
   cohort      N slides (copies of one) in one job: time to the first tile and slide, the driver's peak memory,
               files per gigapixel, wall vs the slides' own times; a big slide's planning and after-last-tile work
+  cpu         forward Mpx/s, GFLOP/s and share of a measured matmul peak per precision, layout and thread count;
+              argmax agreement with float32 on cmu-1 and a synthetic slide; tiled vs whole per mode; resampled reads
 
 Slides and models are generated once into --workdir (keep it between runs); results go to
 benchmarks/results/bench-<time>.json unless --json is given.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability", "cohort")
+SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability", "cohort", "cpu")
 TITLES = {
     "efficiency": "(a) Pipeline efficiency: end-to-end ÷ bare forward",
     "peer": "(b) Peer comparison: MONAI sliding_window_inference, same model, same image",
@@ -42,6 +44,7 @@ TITLES = {
     "reads": "(f) Slide reads: OpenSlide regions (before) vs native tiles (after)",
     "durability": "(g) Durability: the cost of fsync per shard, store creation and finalize",
     "cohort": "(h) Cohorts: N slides in one command (first tile, driver memory, files per gigapixel)",
+    "cpu": "(i) CPU modes: precision and layout against the CPU's peak, with exactness; resampled reads",
 }
 
 
@@ -62,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--layouts", nargs="+", default=["default"],
         help="efficiency layouts: 'default' (1-CPU actor, 1 torch thread) and/or 'all cores' (the actor's torch threads "
         "on every core, sharing them with the reads and writes; see README 'Tuning')")
+    add("--amp", choices=("auto", "bf16", "off"), default="auto",
+        help="precision of the efficiency runs, as the job's --amp (default auto: bf16 where the CPU has it)")
+    add("--efficiency-reads", nargs="+", choices=("native", "resampled"), default=["native", "resampled"],
+        help="efficiency runs reading the slide natively and/or resampled by 2 (default: both)")
     add("--peer-size", type=int, default=None, help="side of the in-memory image of the peer comparison (2048)")
     add("--memory-sizes", type=float, nargs="+", default=None,
         help="slide sizes in gigapixels for the memory section (default 0.1 1 4 16; --quick 0.01 0.04)")
@@ -104,7 +111,8 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
         from benchmarks import efficiency
 
         return efficiency.run(slide, model, workdir, tile_size=args.tile_size, batch_size=args.batch_size,
-                              actors=args.actors, forward_seconds=args.forward_seconds, layouts=args.layouts)  # fmt: skip
+                              actors=args.actors, forward_seconds=args.forward_seconds, layouts=args.layouts,
+                              amp=args.amp, reads=tuple(args.efficiency_reads))  # fmt: skip
     if name == "peer":
         from benchmarks import peer
 
@@ -125,6 +133,13 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
 
         return reads.run(workdir, side=args.slide_size, tile_size=args.tile_size, halo=model.halo,
                          limit=args.read_windows)  # fmt: skip
+    if name == "cpu":
+        from benchmarks import cpu_modes
+        from benchmarks.common import REPO
+        from benchmarks.slides import synthetic_slide
+
+        cmu = REPO.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
+        return cpu_modes.run(model, synthetic_slide(workdir, 4096), cmu, seconds=args.forward_seconds)
     if name == "durability":
         from benchmarks import durability
 
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         print_section(TITLES[name], section)
         if "big_slides" in section:
             print_section(TITLES[name] + ": big slides", section["big_slides"])
+        if "reads" in section:
+            print_section(TITLES[name] + ": reads", section["reads"])
     path = write_json(results, args.json)
     print(f"\nresults: {path}")
     return results

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cpus-per-actor", type=float, default=1.0, metavar="C",
         help="CPUs per actor, also its torch threads when on CPU (default: %(default)s)")
     add("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-        help="mixed precision: auto = bf16 on GPU actors and float32 on CPU; off = float32 (default: %(default)s)")
+        help="precision, the same on CPU and GPU: auto = bf16 where the device has it natively (GPUs; CPUs with "
+        "AVX-512 BF16 or AMX), float32 elsewhere; off = float32, the exact mode; bf16/fp16 = that (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the model in each actor")
     add("--read-tasks", choices=("auto", "on", "off"), default="auto",
         help="read tile windows in CPU tasks of their own (on) or inside the model actors (off); auto = on for GPU "

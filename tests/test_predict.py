@@ -1,12 +1,14 @@
 """The fused tile step: float32 on CPU is the reference; autocast and torch.compile (padded static batch) agree."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from conftest import random_image, varied_unet
+from conftest import random_image, shared_file, varied_unet
 from pipeline import open_slide, tile_grid_for_model
 from pipeline.inference.tile_batches import read_windows
-from pipeline.inference.predict import TilePredictor, resolve_amp, resolve_device
+from pipeline.inference.predict import TilePredictor, cpu_has_native_bf16, resolve_amp, resolve_device, whole_image_logits
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,41 @@ def test_amp_and_device_choices():
     import torch
 
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert resolve_amp("off", cpu) is None and resolve_amp(None, cpu) is None
     assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
     assert resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
     with pytest.raises(ValueError, match="amp must be one of"):
         resolve_amp("int8", cpu)
     assert resolve_device("cpu") == cpu
+
+
+def test_channels_last_gives_the_float32_logits_of_nchw(batch):
+    model, grid, windows, reference = batch
+    nchw = TilePredictor.for_grid(model, grid, device="cpu", channels_last=False)(windows, return_logits=True)
+    assert TilePredictor.for_grid(model, grid, device="cpu").channels_last  # the default layout
+    assert (nchw["labels"] == reference["labels"]).all()
+    assert np.abs(nchw["logits"] - reference["logits"]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_tiles_agree_with_one_whole_pass_in_the_same_precision_on_a_real_slide(amp):
+    """float32 is the exact mode (logits within float rounding); bf16 rounds each layer, so a pixel's value
+    depends a little on its tile and near-ties may flip: on real tissue, all but a few in ten thousand."""
+    from pipeline.inference.tile_batches import tiled_region_logits
+    from pipeline.slides.sources import ArraySource
+    from unet import load_model
+
+    REPO = Path(__file__).resolve().parents[1]
+
+    model = load_model(REPO / "models" / "nuclei-unet.pt")
+    region = open_slide(shared_file("slides/cmu-1-small-region.svs")).read(1000, 1600, 700, 1300)
+    grid = tile_grid_for_model(model, region.shape[:2], 256)
+    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp)
+    tiled = tiled_region_logits(ArraySource(region), grid, predictor)
+    whole = whole_image_logits(model, region, amp=amp)
+    agreement = (tiled.argmax(0) == whole.argmax(0)).mean()
+    if amp is None:
+        assert agreement == 1.0 and np.abs(tiled - whole).max() <= 1e-3
+    else:
+        assert agreement >= 0.999, agreement

@@ -45,3 +45,23 @@ def test_segment_slide_at_target_mpp_records_it(tmp_path):
     result = segment_slide(open_slide(random_image(120, 100), mpp=0.25), tmp_path / "o.zarr", varied_unet(),
                            tile_size=32, target_mpp=0.5)  # fmt: skip
     assert result.shape == (60, 50) and result.mpp == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mpp, factor", [(0.2527, 2.0), (0.25, 2.0), (0.126, 4.0), (0.3, 0.5 / 0.3)])
+def test_a_scan_near_half_the_target_is_resampled_by_exactly_two(mpp, factor):
+    slide = open_at_mpp(open_slide(random_image(90, 70), mpp=mpp), 0.5)
+    assert isinstance(slide, ResampledSource) and slide.factor == pytest.approx(factor)
+    assert slide.mpp == pytest.approx(mpp * factor)  # the µm/px it really is, recorded in the store
+
+
+@pytest.mark.parametrize("shape", [(64, 90), (67, 91)])
+def test_resampling_by_two_is_the_rounded_mean_of_each_two_by_two_block_in_any_region(shape):
+    image = random_image(*shape, seed=4)
+    view = ResampledSource(open_slide(image), 2.0)
+    h, w = shape[0] // 2, shape[1] // 2
+    expected = np.rint(image[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).astype(np.float64).mean(axis=(1, 3)))
+    whole = view.read(0, h, 0, w)
+    assert np.array_equal(whole, expected.astype(np.uint8))
+    assert np.array_equal(view.read(5, 21, 3, 40), whole[5:21, 3:40])
+    general = ResampledSource(open_slide(image), 2.0 + 1e-12)  # the separable filter, a hair off 2
+    assert np.array_equal(general.read(0, h, 0, w), whole)

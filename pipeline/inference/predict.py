@@ -1,8 +1,13 @@
 """The one tile function every executor uses: uint8 input windows in, cropped uint8 labels out.
 
-On a GPU the whole step runs on the device: uint8 -> float, normalise (inside the model), channels_last,
-autocast, forward, softmax/argmax, valid-centre crop, cast to uint8; only the small label tile goes back.
-On the CPU it runs in float32 by default, which is bit-identical to the in-process reference.
+The whole step runs on the device: uint8 -> float, normalise (inside the model), channels_last, autocast,
+forward, softmax/argmax, valid-centre crop, cast to uint8; only the small label tile goes back.
+
+Precision (``amp``) means the same on CPU and GPU: ``"auto"`` is bf16 where the device computes it natively
+(CUDA; CPUs with AVX-512 BF16 or AMX, detected at run time) and float32 elsewhere; ``"off"`` is float32, the
+exact mode (tiled equals the whole-image pass within float rounding); bf16 flips the argmax of near-ties only
+(README "Performance", CPU modes). channels_last is the default layout everywhere: in float32 it gives the
+same logits as NCHW on the CPU, and it is what oneDNN's and cuDNN's fast kernels want.
 """
 
 from __future__ import annotations
@@ -27,12 +32,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX): there oneDNN's bf16 convolutions run
+    ~3x float32; elsewhere bf16 is emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
-    """``"auto"``: bf16 on CUDA, float32 on CPU; ``"bf16"``/``"fp16"``; ``None``/``"off"``: float32."""
+    """``"auto"``: bf16 where ``device`` has it natively (CUDA, or a CPU with AVX-512 BF16/AMX), else float32;
+    ``"bf16"``/``"fp16"``: that, whatever the device; ``None``/``"off"``: float32."""
     if amp in (None, "off", "fp32"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else None
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of auto, bf16, fp16, off; got {amp!r}")
     return AMP_DTYPES[amp]
@@ -45,7 +59,8 @@ class TilePredictor:
     Build it once per process / actor (the model is moved and optionally compiled here), then call it
     per batch. ``batch_size`` matters only with ``compile``: batches are padded to it for static shapes.
     ``compile``: True (CUDA graphs via mode "reduce-overhead" on CUDA, the default mode on CPU) or a
-    torch.compile mode name. ``channels_last``: None = on CUDA only (the fast layout for cuDNN).
+    torch.compile mode name. ``channels_last``: the input and weight layout (default True: the fast one for
+    oneDNN and cuDNN; False: NCHW).
     ``busy_seconds`` adds up the time spent in calls: what the rest of a pipeline leaves the model.
     """
 
@@ -57,7 +72,7 @@ class TilePredictor:
     probabilities: bool = False
     compile: bool | str = False
     batch_size: int | None = None
-    channels_last: bool | None = None
+    channels_last: bool = True
     _forward: object = field(init=False, repr=False)
     busy_seconds: float = field(default=0.0, init=False)
 
@@ -65,8 +80,6 @@ class TilePredictor:
         self.device = resolve_device(self.device)
         self.amp_dtype = resolve_amp(self.amp, self.device)
         self.model = self.model.to(self.device).eval()
-        if self.channels_last is None:
-            self.channels_last = self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
@@ -117,12 +130,13 @@ class TilePredictor:
         return result
 
 
-def whole_image_logits(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+def whole_image_logits(model: torch.nn.Module, image: np.ndarray, amp: str | None = None) -> np.ndarray:
     """Reference: one forward pass over the whole (H, W, C) uint8 image mirror-padded by the halo.
 
     The image is padded with np.pad(mode="symmetric") by ``halo`` on the top/left and up to the next
     valid input size on the bottom/right; the logits of the H x W slide are returned as (K, H, W) float32.
-    Use it on small images to check tiled output (it holds the whole image in memory).
+    Use it on small images to check tiled output (it holds the whole image in memory). ``amp``: as
+    :class:`TilePredictor`'s (NCHW; the tiles' layout gives the same float32 logits).
     """
     image = image[..., None] if image.ndim == 2 else image
     height, width = image.shape[:2]
@@ -137,7 +151,8 @@ def whole_image_logits(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     crop = 0 if model.is_valid_padding else halo
     model = model.eval()
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    amp_dtype = resolve_amp(amp, device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         x = torch.from_numpy(padded).permute(2, 0, 1)[None].float().div_(255.0).to(device)
         logits = model(x)[0, :, crop : crop + height, crop : crop + width]
     return logits.float().cpu().numpy()

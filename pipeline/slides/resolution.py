@@ -2,7 +2,8 @@
 
 A model trained at 0.5 µm/px sees nuclei of a certain size; running it on a 0.25 µm/px level halves
 its field of view in tissue terms. ``open_at_mpp`` takes the exact level (see :mod:`pipeline.slides.pyramid`)
-whose µm/px is closest at or below the target and, if it is not within ``tolerance`` of it, resamples it
+whose µm/px is closest at or below the target and, if it is not within ``tolerance`` of it, resamples it (by
+exactly 2 or 4 when that lands within ``tolerance``: scanners' 0.25 µm/px are 0.24-0.26)
 (:class:`pipeline.slides.sources.ResampledSource`, which reads the level through its exact reader), so any region
 of the resampled view equals the same region of the whole resampled image and overlap tiling stays exact.
 """
@@ -10,6 +11,7 @@ of the resampled view equals the same region of the whole resampled image and ov
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from pipeline.slides.pyramid import SlidePyramid, open_pyramid
@@ -37,13 +39,17 @@ def open_at_mpp(source: Any, target_mpp: float, tolerance: float = 0.05) -> Slid
     factor = target_mpp / slide.mpp
     if abs(factor - 1) <= tolerance:
         return slide
+    halvings = 2.0 ** round(math.log2(factor))
+    if halvings >= 2 and abs(factor / halvings - 1) <= tolerance:  # a 0.2527 µm/px scan for a 0.5 µm/px model
+        factor = halvings  # by 2 every sample is a 2 x 2 mean, exact and as cheap as the read
     if factor < 1 / MAX_UPSAMPLING:  # a 10x scan for a 40x model, or pixel-size metadata that is wrong
         raise SlideError(
             f"{slide.path or slide.name}: its finest level is {slide.mpp:.4g} µm/px, {1 / factor:.0f}x coarser than "
             f"the {target_mpp:g} µm/px asked for; upsampling that far invents pixels (and a huge image): "
             "segment it as it is with --level 0, or check its pixel-size metadata"
         )
-    logger.info("%s: level %d is %.3f µm/px; resampling to %.3f µm/px", slide.name, level, slide.mpp, target_mpp)
+    logger.info("%s: level %d is %.4g µm/px; resampling by %.4g to %.4g µm/px (asked: %g)", slide.name, level,
+                slide.mpp, factor, slide.mpp * factor, target_mpp)  # fmt: skip
     return ResampledSource(slide, factor)
 
 

@@ -1,0 +1,174 @@
+"""(h) CPU modes: the forward pass in each precision and layout, against this CPU's measured peak, with its exactness.
+
+For each mode (float32 or bf16 autocast; NCHW or channels_last) and torch thread count (1, and every core):
+
+* forward Mpx/s: :class:`pipeline.inference.predict.TilePredictor` on real input windows (tile 256, batch 4)
+  cut from ``cmu-1-small-region.svs``, cycled, in this process;
+* GFLOP/s: Mpx/s x the model's FLOPs per output pixel (counted by ``torch.utils.flop_counter``);
+* fraction of peak: GFLOP/s / the same threads' measured peak, a 2048^3 matrix product (``torch.mm``) in the
+  mode's precision. A measured matmul rather than units x lanes x clock: this VM does not expose its clock,
+  and oneDNN's best GEMM is what a convolution could at most reach;
+* agreement: the share of pixels whose argmax equals float32 NCHW's, on every tissue tile of cmu-1 and of the
+  synthetic slide's middle 2048^2 px (benchmarks.slides), and the top-2 logit gap of the pixels that differ;
+* tiled vs whole: the mode's tiled logits of a 1024^2 region of cmu-1 against one whole pass over it in the
+  same mode (:func:`pipeline.inference.predict.whole_image_logits`): the largest |difference| and argmax agreement.
+
+A second table times reads of 348^2 windows: native, and resampled by 2 (a 2 x 2 mean) and by 1.98 (the
+separable filter), each against the native read of the same base area.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import timed_rate
+
+COLUMNS = ["precision", "layout", "threads", "forward Mpx/s", "GFLOP/s", "peak GFLOP/s (matmul)", "of peak",
+           "× float32 NCHW", "argmax = float32 (cmu-1)", "argmax = float32 (synthetic)", "differing px: median top-2 gap",
+           "tiled vs whole: max |Δ logit|", "tiled vs whole: argmax agreement"]  # fmt: skip
+READ_COLUMNS = ["read", "ms per 348² window", "output Mpx/s", "× native read of the same base area"]
+MODES = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+
+
+def matmul_peak(dtype: torch.dtype, threads: int, seconds: float = 3.0, side: int = 2048) -> float:
+    """GFLOP/s of a ``side``^3 matrix product in ``dtype`` with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(side, side).to(dtype), torch.randn(side, side).to(dtype)
+    rate = timed_rate(lambda: (torch.mm(a, b), 1)[1], seconds)
+    return rate["mpx_per_s"] * 1e6 * 2 * side**3 / 1e9
+
+
+def tissue_windows(path: Path, model, grid_side: int | None = None, limit: int = 48) -> tuple[Any, np.ndarray]:
+    """Input windows of up to ``limit`` tissue tiles (tile 256) of ``path`` (its middle ``grid_side``^2 px)."""
+    from pipeline.inference.tile_batches import read_windows
+    from pipeline.slides.geometry import tile_grid_for_model
+    from pipeline.slides.pyramid import open_slide
+    from pipeline.slides.sources import ArraySource
+    from pipeline.slides.tissue_tiles import slide_tissue_mask, tissue_tiles
+
+    slide = open_slide(path)
+    if grid_side:
+        y, x = (slide.size[0] - grid_side) // 2, (slide.size[1] - grid_side) // 2
+        slide = ArraySource(slide.read(max(0, y), max(0, y) + grid_side, max(0, x), max(0, x) + grid_side))
+    grid = tile_grid_for_model(model, slide.size, 256)
+    run = tissue_tiles(grid, slide_tissue_mask(slide, True))  # the job's own tissue detection
+    tiles = [tile for tile in grid if run[tile.row, tile.col]][:limit]
+    return grid, read_windows(slide, grid, tiles)
+
+
+def predictions(model, grid, windows: np.ndarray, amp: str | None, channels_last: bool) -> np.ndarray:
+    from pipeline.inference.predict import TilePredictor
+
+    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last)
+    return np.concatenate([predictor(windows[i : i + 4], return_logits=True)["logits"]
+                           for i in range(0, len(windows), 4)])  # fmt: skip
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float | None]:
+    """Share of pixels with the reference's argmax, and the median top-2 gap (reference) where they differ."""
+    differ = reference.argmax(1) != logits.argmax(1)
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    gaps = (top2[:, 1] - top2[:, 0])[differ]
+    return 1 - differ.mean(), float(np.median(gaps)) if gaps.size else None
+
+
+def tiled_vs_whole(model, region: np.ndarray, amp: str | None, channels_last: bool) -> tuple[float, float]:
+    from pipeline.inference.predict import TilePredictor, whole_image_logits
+    from pipeline.inference.tile_batches import tiled_region_logits
+    from pipeline.slides.geometry import tile_grid_for_model
+    from pipeline.slides.sources import ArraySource
+
+    grid = tile_grid_for_model(model, region.shape[:2], 256)
+    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last)
+    tiled = tiled_region_logits(ArraySource(region), grid, predictor)
+    whole = whole_image_logits(model, region, amp=amp)
+    return float(np.abs(tiled - whole).max()), float((tiled.argmax(0) == whole.argmax(0)).mean())
+
+
+def read_rows(slide_path: Path) -> list[list[Any]]:
+    from pipeline.slides.pyramid import open_slide
+    from pipeline.slides.sources import ResampledSource
+
+    base = open_slide(slide_path)
+    rows = []
+    for label, factor in (("native", 1.0), ("resampled by 2 (2 x 2 mean)", 2.0), ("resampled by 1.98 (separable)", 1.98)):
+        view = base if factor == 1.0 else ResampledSource(base, factor)
+        origins = [(y, x) for y in range(-46, view.size[0] - 348, 251) for x in range(-46, view.size[1] - 348, 251)]
+        side = round(348 * factor)
+        for y, x in origins[:2]:  # warm the decoded-tile cache alike for both reads
+            view.read_window(y, x, 348), base.read_window(round(y * factor), round(x * factor), side)
+        started = time.perf_counter()
+        for y, x in origins:
+            view.read_window(y, x, 348)
+        per_window = (time.perf_counter() - started) / len(origins)
+        started = time.perf_counter()
+        for y, x in origins:
+            base.read_window(round(y * factor), round(x * factor), side)
+        native = (time.perf_counter() - started) / len(origins)
+        rows.append([label, 1e3 * per_window, 256**2 / 1e6 / per_window, per_window / native])
+    return rows
+
+
+def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str, Any]:
+    from benchmarks.gpu import flops_per_tile
+    from pipeline.inference.predict import TilePredictor
+
+    saved = torch.get_num_threads()
+    flops_per_px = flops_per_tile(model, 256) / 256**2  # the tile the job runs: valid output 256 for this model
+    grid, cmu = tissue_windows(cmu_slide, model)
+    demo_grid, demo = tissue_windows(demo_slide, model, grid_side=2048)
+    from pipeline.slides.pyramid import open_slide
+
+    region = open_slide(cmu_slide).read(800, 1824, 600, 1624)
+    rows, records = [], []
+    try:
+        torch.set_num_threads(1)
+        reference = {"cmu": predictions(model, grid, cmu, None, False),
+                     "demo": predictions(model, demo_grid, demo, None, False)}  # fmt: skip
+        base_rate: dict[int, float] = {}
+        for threads in sorted({1, os.cpu_count() or 1}):
+            peaks = {name: matmul_peak(dtype, threads) for name, dtype in
+                     (("float32", torch.float32), ("bfloat16", torch.bfloat16))}  # fmt: skip
+            for precision, channels_last in MODES:
+                amp = "bf16" if precision == "bfloat16" else None
+                torch.set_num_threads(threads)
+                predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last)
+                batches = [cmu[i : i + 4] for i in range(0, len(cmu) - 3, 4)]
+                state = {"i": 0}
+
+                def step() -> int:
+                    state["i"] += 1
+                    return predictor(batches[state["i"] % len(batches)])["labels"].size
+
+                rate = timed_rate(step, seconds)["mpx_per_s"]
+                base_rate.setdefault(threads, rate)
+                gflops = rate * flops_per_px / 1e3
+                torch.set_num_threads(1)
+                cmu_agree, gap = agreement(reference["cmu"], predictions(model, grid, cmu, amp, channels_last))
+                demo_agree, _ = agreement(reference["demo"], predictions(model, demo_grid, demo, amp, channels_last))
+                worst, whole_agree = tiled_vs_whole(model, region, amp, channels_last) if threads == 1 else (None, None)
+                record = {"precision": precision, "channels_last": channels_last, "threads": threads,
+                          "mpx_per_s": rate, "gflops": gflops, "peak_gflops": peaks[precision],
+                          "agreement_cmu": cmu_agree, "agreement_demo": demo_agree, "median_gap": gap,
+                          "tiled_vs_whole_max": worst, "tiled_vs_whole_agreement": whole_agree}  # fmt: skip
+                records.append(record)
+                rows.append([precision, "channels_last" if channels_last else "NCHW", threads, rate, gflops,
+                             peaks[precision], gflops / peaks[precision], rate / base_rate[threads], cmu_agree,
+                             demo_agree, gap if gap is not None else "–", worst if worst is not None else "(1 thread)",
+                             whole_agree if whole_agree is not None else "(1 thread)"])  # fmt: skip
+    finally:
+        torch.set_num_threads(saved)
+    return {
+        "columns": COLUMNS, "rows": rows, "records": records, "flops_per_output_px": flops_per_px,
+        "reads": {"columns": READ_COLUMNS, "rows": read_rows(cmu_slide)},
+        "notes": [
+            f"model: {flops_per_px / 1e6:.4f} MFLOP per output pixel at tile 256; {len(cmu)} tissue tiles of cmu-1, "
+            f"{len(demo)} of the synthetic slide's middle 2048^2; tiled vs whole on cmu-1[800:1824, 600:1624].",
+        ],
+    }  # fmt: skip
