@@ -148,11 +148,13 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
     """One row: bare forward (before), the job's pipeline, bare forward (after). ``isolate=False`` measures the
     bare forward in this process at this process's niceness (quicker; for tests). ``target_mpp``: the
     pipeline reads resampled; the bare forward's windows are native (the forward's cost does not depend on them)."""
-    threads = max(1, int(options.cpus_per_actor))
+    from pipeline.inference.ray_runner import actor_threads
+
     grid, windows = pre_read_windows(slide, model, tile_size, options.batch_size)
+    start_ray(num_cpus)
+    threads = actor_threads(options)  # what the job gives its actor
     record: dict[str, Any] = {"config": label, "options": asdict(options), "threads": threads, "num_cpus": num_cpus,
                               "precision": precision_name(options.amp, options.device)}  # fmt: skip
-    start_ray(num_cpus)
     record["niceness"] = niceness = worker_niceness() if isolate else None
     forward = (model, grid, windows, threads, forward_seconds, options.device, options.amp, options.compile)
     bare = (lambda: isolated_bare_forward(niceness, *forward)) if isolate else (lambda: bare_forward(*forward))
@@ -176,15 +178,14 @@ def row(record: dict[str, Any]) -> list[Any]:
 
 
 def configs(cpus: int, actors: int, batch_size: int) -> list[tuple[str, dict, int | None]]:
-    """(label, RayOptions overrides, Ray CPUs): the default layout, and all cores in the actor(s).
+    """(label, RayOptions overrides, Ray CPUs): the job's default layout, and one torch thread per actor.
 
-    Default: each actor owns 1 CPU and 1 torch thread, the other cores read and write. "all cores":
-    the actors' torch threads take every core (Ray gets one extra logical CPU so read and write tasks can
-    still be scheduled; they then share the cores with the forward passes)."""
-    per_actor = max(1, cpus // actors)
-    layouts = [("default", {"cpus_per_actor": 1.0}, None)]
-    if per_actor > 1:
-        layouts.append(("all cores", {"cpus_per_actor": float(per_actor)}, actors * per_actor + 1))
+    Default: each actor reserves 1 Ray CPU and runs torch on all of its node's cores (shared by the node's
+    actors), its reads and writes beside them. "1 thread": the layout before 2026-12-02, one torch thread per
+    actor and the other cores left to reading and writing."""
+    layouts = [("default", {}, None)]
+    if cpus // actors > 1:
+        layouts.append(("1 thread", {"threads_per_actor": 1}, None))
     return [(label, {"actors": actors, "batch_size": batch_size, "progress": False, **extra}, n)
             for label, extra, n in layouts]  # fmt: skip
 

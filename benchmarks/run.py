@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="side of the efficiency/tissue slide in px (default 12288, 0.15 gigapixel; --quick 2048)")
     add("--forward-seconds", type=float, default=None, help="seconds per bare-forward measurement (default 20)")
     add("--layouts", nargs="+", default=["default"],
-        help="efficiency layouts: 'default' (1-CPU actor, 1 torch thread) and/or 'all cores' (the actor's torch threads "
-        "on every core, sharing them with the reads and writes; see README 'Tuning')")
+        help="efficiency layouts: 'default' (the job's: the actor's torch threads on every core, beside its reads and "
+        "writes) and/or '1 thread' (one torch thread, the other cores left to reads and writes; the default before "
+        "2026-12-02)")
     add("--amp", choices=("auto", "bf16", "off"), default="auto",
         help="precision of the efficiency runs, as the job's --amp (default auto: bf16 where the CPU has it)")
     add("--efficiency-reads", nargs="+", choices=("native", "resampled"), default=["native", "resampled"],

@@ -67,18 +67,18 @@ def test_kill_9_of_a_cohort_job_then_rerun_ends_identical(artifact, tmp_path):
     (cohort / "b-small.svs").symlink_to(shared_file("slides/small-16px.svs"))
     tifffile.imwrite(cohort / "c-plain.tif", random_image(400, 300, seed=8), photometric="rgb")  # no µm/px: level 0
     names = ["a-cmu.zarr", "b-small.zarr", "c-plain.zarr"]
-    reference = tmp_path / "reference"  # what the job writes uninterrupted: the engine with the actor's one thread
+    reference = tmp_path / "reference"  # what the job writes uninterrupted: the engine, the job's precision, 1 thread
     with torch_threads(1):
         for slide, name in zip(sorted(cohort.iterdir()), names):
             segment_slide(str(slide), reference / name, artifact, tile_size=256, target_mpp=0.5, tissue_mask=True,
-                          shard_tiles=2)  # fmt: skip
+                          shard_tiles=2, amp="auto")  # fmt: skip
     states = read_tile_states(reference / names[0])
     skipped, segmented = int((states == 2).sum()), int((states == 1).sum())  # skipped: known at creation
     for moment, target in (("mid-run", skipped + segmented // 2), ("late", skipped + segmented * 4 // 5)):
         out = tmp_path / moment.replace(" ", "-")
         store = out / names[0]
         running = job(str(cohort), "--out", str(out), "--model", str(artifact), "--shard-tiles", "2",
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                      "--threads-per-actor", "1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         while running.poll() is None and tile_states_written(store) < target:
             time.sleep(0.05)
         os.kill(running.pid, signal.SIGKILL)
@@ -87,7 +87,8 @@ def test_kill_9_of_a_cohort_job_then_rerun_ends_identical(artifact, tmp_path):
         assert running.returncode == -signal.SIGKILL, f"{moment}: the job ended before it was killed"
         if tile_states_written(store) < skipped + segmented:
             assert read_provenance(store)["status"] == "running", moment  # never looks finished
-        again = run_job(str(cohort), "--out", str(out), "--model", str(artifact), "--shard-tiles", "2")
+        again = run_job(str(cohort), "--out", str(out), "--model", str(artifact), "--shard-tiles", "2",
+                        "--threads-per-actor", "1")  # fmt: skip
         assert again.returncode == 0, again.stderr
         assert " earlier " in again.stdout  # the table says it resumed
         report = read_run_report(out)

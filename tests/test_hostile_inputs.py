@@ -204,16 +204,16 @@ def test_a_late_taker_puts_back_the_lock_it_did_not_judge(tmp_path):
 def test_a_job_that_lost_its_lock_stops_writing(tmp_path):
     store_path = tmp_path / "s.zarr"
     lock = StoreLock(store_path, heartbeat=0.05).acquire()
-    plan = plan_slide(random_image(128, 128), store_path, varied_unet(), tile_size=64, mpp=0.5, lock_token=lock.token,
-                      shard_tiles=1)  # fmt: skip
+    plan = plan_slide(random_image(256, 256), store_path, varied_unet(), tile_size=64, mpp=0.5, lock_token=lock.token,
+                      shard_tiles=2)  # fmt: skip
     first, second = plan.shards[:2]
-    plan.store.write_shard(first, np.ones((64, 64), np.uint8))
+    plan.store.write_shard(first, np.ones((128, 128), np.uint8))
     rival = {"host": "other-host", "pid": 1, "start": None, "since": time.time(), "token": "rival"}
     lock.path.write_text(json.dumps(rival))  # another job took the lock over (it judged ours stale)
     assert lock.lost.wait(timeout=5), "the heartbeat did not notice"
     plan.store._lock_checked = -1e9  # the writers' next check (at most LOCK_CHECK_SECONDS later)
     with pytest.raises(StoreLockLostError, match="this job lost its lock .*host other-host"):
-        plan.store.write_shard(second, np.ones((64, 64), np.uint8))
+        plan.store.write_shard(second, np.ones((128, 128), np.uint8))
     assert not plan.store.done_shards()[second.row, second.col]  # not marked done
     with pytest.raises(StoreLockLostError):
         plan.store.check_lock()  # what finalize checks before it marks the store complete

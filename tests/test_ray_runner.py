@@ -308,7 +308,7 @@ def test_cli_end_to_end(model, tmp_path):
     out = tmp_path / "out"
     missing = tmp_path / "missing.svs"
     done = run_cli(str(slide), str(missing), "--out", str(out), "--model", str(artifact), "--no-tissue-mask",
-                   "--num-cpus", "2", "--no-progress")  # fmt: skip
+                   "--num-cpus", "2", "--no-progress", "--threads-per-actor", "1")  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     lines = [line for line in done.stderr.splitlines() if "missing.svs" in line]
     assert len(lines) == 1 and lines[0].startswith("ERROR ")
@@ -325,8 +325,8 @@ def test_cli_end_to_end(model, tmp_path):
     assert report["settings"]["model_checksum"] == model_checksum(artifact)
     assert "small-16px.svs" in done.stdout and "complete" in done.stdout  # the table
     assert (out / "small-16px.png").stat().st_size > 0  # the preview
-    with torch_threads(1):
-        segment_slide(slide, tmp_path / "ref.zarr", artifact, tile_size=256)
+    with torch_threads(1):  # the job's precision (--amp auto), its actor's one thread
+        segment_slide(slide, tmp_path / "ref.zarr", artifact, tile_size=256, amp="auto")
     assert_same_results(store, tmp_path / "ref.zarr")
 
     # The same command again: the complete store is kept untouched and reported as kept.

@@ -93,7 +93,7 @@ from conftest import random_image
 from pipeline import segment_slide
 from unet import load_model
 segment_slide(random_image(300, 420, seed=2), {out!r}, load_model({model!r}), tile_size=32, batch_size=2,
-              tissue_mask=np.indices((30, 42)).sum(0) > 12, resume={resume}, shard_tiles=2)
+              tissue_mask=np.indices((30, 42)).sum(0) > 12, resume={resume}, shard_tiles=3)
 """
 
 

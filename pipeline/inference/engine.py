@@ -25,7 +25,7 @@ from pipeline.inference.tile_batches import (
 from pipeline.slides.resolution import open_for_segmentation
 from pipeline.slides.pyramid import open_slide
 from pipeline.slides.sources import SlideLimits, SlideSource
-from pipeline.slides.shard_blocks import ShardBlocks
+from pipeline.slides.shard_blocks import ShardBlocks, check_shard_reach
 from pipeline.store.locking import StoreLock
 from pipeline.store.output_store import OutputStore, create_output_store, open_existing_store
 from pipeline.store.shard_state import TILE_DONE, TILE_PENDING, TILE_SKIPPED
@@ -217,6 +217,7 @@ def plan_slide(
         )
     chunk = chunk or tile_size
     grid = tile_grid_for_model(model, slide.size, tile_size, chunk, shard_tiles or default_shard_tiles(tile_size))
+    check_shard_reach(grid)
     (limits or SlideLimits()).check(slide.path or slide.name, slide.size, len(grid))  # before any per-tile work
     from pipeline.slides.tissue_tiles import describe_tissue_option, slide_tissue_mask, tissue_tiles
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pipeline.inference.engine import SegmentResult, SlidePlan
-from pipeline.inference.ray_runner import RayOptions, ray_pieces, without_shards
+from pipeline.inference.ray_runner import RayOptions, actor_threads, ray_pieces, without_shards
 from pipeline.inference.tile_batches import ShardOutcome
 from pipeline.slides.geometry import Shard
 from pipeline.text import one_line
@@ -73,7 +73,7 @@ class Scheduler:
         self.pieces = ray_pieces(options)
         self.model_ref = ray.put(model)
         self.actor_args = (tile_size, options.device, options.amp, probabilities, options.compile, options.batch_size,
-                           max(1, int(options.cpus_per_actor)))  # fmt: skip
+                           actor_threads(options))  # fmt: skip
         self.actors: list = []
         self.actor_load = [0] * options.actors
         self.slots = options.actors * 2  # shards in flight: each actor has one running and one ready

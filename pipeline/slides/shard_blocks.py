@@ -49,14 +49,22 @@ def _mirror_pad(array: da.Array, axis: int, before: int, after: int) -> da.Array
     return array
 
 
+def check_shard_reach(grid: TileGrid) -> None:
+    """Refuse shards narrower than their windows' reach past them: ``dask.array.overlap`` takes a block's
+    overlap from its neighbours alone, so it needs chunks at least as deep as the overlap."""
+    reach = grid.input_size - grid.tile_size
+    if grid.shard_side < reach:
+        fewest = -(-reach // grid.tile_size)
+        raise ValueError(f"shards of {grid.shard_tiles} tiles ({grid.shard_side} px) are narrower than the windows' "
+                         f"reach past them ({reach} px); use at least {fewest} tiles per shard (--shard-tiles)")  # fmt: skip
+
+
 def shard_input_blocks(source: Any, grid: TileGrid) -> da.Array:
     """The Dask description of the split: block (i, j) is the input region of shard (i, j), mirror padding included."""
     import dask.array as da
 
+    check_shard_reach(grid)
     reach = grid.input_size - grid.tile_size  # rows and columns a shard's windows read past its end
-    if grid.shard_side < reach:  # dask.array.overlap needs chunks at least as deep as the overlap
-        raise ValueError(f"shards of {grid.shard_side} px are narrower than the windows' reach past them ({reach} px); "
-                         f"use more tiles per shard")  # fmt: skip
     level_chunks = [_shard_aligned_chunks(length, grid.shard_side - grid.halo, grid.shard_side) for length in grid.shape]
     level = da.from_array(source, chunks=(*level_chunks, (source.shape[2],)), asarray=False, lock=False, fancy=False)
     block_chunks = []
