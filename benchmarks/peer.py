@@ -87,44 +87,50 @@ def _setup(model_path: str, threads: int):
     return load_model(model_path).eval()
 
 
-def run_reference(image: np.ndarray, model_path: str, threads: int) -> dict[str, Any]:
+def run_reference(image: np.ndarray, model_path: str, threads: int, amp: str | None = None) -> dict[str, Any]:
     from pipeline.inference.predict import whole_image_logits
 
     model = _setup(model_path, threads)
     started = time.perf_counter()
-    logits = whole_image_logits(model, image)
+    logits = whole_image_logits(model, image, amp=amp)
     return {"seconds": time.perf_counter() - started, "probabilities": _softmax(logits), "passes": 1}
 
 
-def run_ours(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int) -> dict[str, Any]:
+def run_ours(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int,
+             amp: str | None = None) -> dict[str, Any]:  # fmt: skip
     import zarr
 
     from pipeline.inference.engine import segment_slide
 
     model = _setup(model_path, threads)
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
-        result = segment_slide(image, Path(tmp) / "ours.zarr", model, tile_size=tile_size, batch_size=batch_size)
+        result = segment_slide(image, Path(tmp) / "ours.zarr", model, tile_size=tile_size, batch_size=batch_size,
+                               amp=amp)  # fmt: skip
         labels = zarr.open_array(f"{result.output}/labels/segmentation/0", mode="r")[...]
     return {"seconds": result.seconds, "labels": labels, "passes": result.tiles_run}
 
 
-def run_ours_logits(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int) -> dict:
+def run_ours_logits(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int,
+                    amp: str | None = None) -> dict:  # fmt: skip
     from pipeline.inference.engine import tiled_logits
 
     model = _setup(model_path, threads)
-    return {"probabilities": _softmax(tiled_logits(image, model, tile_size, batch_size=batch_size))}
+    return {"probabilities": _softmax(tiled_logits(image, model, tile_size, batch_size=batch_size, amp=amp))}
 
 
 def run_monai(image: np.ndarray, model_path: str, threads: int, tile_size: int, batch_size: int, overlap: float,
-              mode: str) -> dict[str, Any]:  # fmt: skip
+              mode: str, amp: str | None = None) -> dict[str, Any]:  # fmt: skip
     import torch
     from monai.inferers import sliding_window_inference
+
+    from pipeline.inference.predict import resolve_amp
 
     model = _setup(model_path, threads)
     predictor = MirrorPaddedUNet(model)
     size = roi_size(model, tile_size)
     started = time.perf_counter()
-    with torch.inference_mode():
+    dtype = resolve_amp(amp, torch.device("cpu"))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)  # the whole image as one tensor
         logits = sliding_window_inference(x, (size, size), batch_size, predictor, overlap=overlap, mode=mode)
         logits = logits[0].float().numpy()
@@ -154,8 +160,14 @@ def region(slide_path: Path, size: int) -> np.ndarray:
 
 
 def run(slide_path: Path, model_path: Path, workdir: Path, *, size: int, tile_size: int, batch_size: int,
-        threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+        threads: int | None = None, amp: str | None = "auto") -> dict[str, Any]:  # fmt: skip
+    """Every method against one float32 pass over the whole image; ours and MONAI in ``amp`` (the job's
+    default precision), ours also in float32 (the exact mode), and the whole pass in ``amp`` too."""
     import os
+
+    import torch
+
+    from pipeline.inference.predict import resolve_amp
 
     try:
         import monai  # noqa: F401
@@ -165,11 +177,21 @@ def run(slide_path: Path, model_path: Path, workdir: Path, *, size: int, tile_si
     image = region(slide_path, size)
     mpx = image.shape[0] * image.shape[1] / 1e6
     model = str(model_path)
+    dtype = resolve_amp(amp, torch.device("cpu"))
+    name = str(dtype).removeprefix("torch.") if dtype else "float32"
+    ours = ("ours: overlap-tile (segment_slide)", run_ours, (image, model, threads, tile_size, batch_size))
     methods = [
-        ("whole image (reference)", run_reference, (image, model, threads)),
-        ("ours: overlap-tile, exact (segment_slide)", run_ours, (image, model, threads, tile_size, batch_size)),
-        ("MONAI overlap 0.25, constant", run_monai, (image, model, threads, tile_size, batch_size, 0.25, "constant")),
-        ("MONAI overlap 0.5, gaussian", run_monai, (image, model, threads, tile_size, batch_size, 0.5, "gaussian")),
+        ("whole image (reference), float32", run_reference, (image, model, threads)),
+        (f"{ours[0]}, float32 (exact)", ours[1], ours[2]),
+    ]  # fmt: skip
+    if dtype is not None:
+        methods += [(f"whole image, {name}", run_reference, (image, model, threads, amp)),
+                    (f"{ours[0]}, {name} (the job's default)", ours[1], (*ours[2], amp))]  # fmt: skip
+    methods += [
+        (f"MONAI overlap 0.25, constant, {name}", run_monai, (image, model, threads, tile_size, batch_size, 0.25,
+                                                             "constant", amp)),
+        (f"MONAI overlap 0.5, gaussian, {name}", run_monai, (image, model, threads, tile_size, batch_size, 0.5,
+                                                            "gaussian", amp)),
     ]  # fmt: skip
     records: dict[str, dict[str, Any]] = {}
     for label, function, arguments in methods:
@@ -178,15 +200,16 @@ def run(slide_path: Path, model_path: Path, workdir: Path, *, size: int, tile_si
             out, memory = run_isolated(function, *arguments, prepare=prepare)
         record.update(out, memory=memory.as_dict(), added_mib=round((memory.peak_pss - memory.baseline_pss) / MIB, 1))
         records[label] = record
-    reference = records["whole image (reference)"].pop("probabilities")
-    ours_label = methods[1][0]
-    ours_probs = run_ours_logits(image, model, threads, tile_size, batch_size)["probabilities"]
+    reference = records[methods[0][0]].pop("probabilities")
+    ours_labels = {label: args[-1] if len(args) == 6 else None for label, f, args in methods if f is run_ours}
+    ours_label = list(ours_labels)[-1]  # the job's default precision: the speed every row is compared with
     rows = []
     for label, record in records.items():
-        if label == ours_label:
+        if label in ours_labels:
+            probabilities = run_ours_logits(image, model, threads, tile_size, batch_size, ours_labels[label])
             differs, _ = distance(reference, labels=record.pop("labels"))
-            _, delta = distance(reference, ours_probs)
-        elif label.startswith("MONAI"):
+            _, delta = distance(reference, probabilities["probabilities"])
+        elif label != methods[0][0]:
             differs, delta = distance(reference, record.pop("probabilities"))
         else:
             differs, delta = 0.0, 0.0

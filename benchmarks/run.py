@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "writes) and/or '1 thread' (one torch thread, the other cores left to reads and writes; the default before "
         "2026-12-02)")
     add("--amp", choices=("auto", "bf16", "off"), default="auto",
-        help="precision of the efficiency runs, as the job's --amp (default auto: bf16 where the CPU has it)")
+        help="precision of the efficiency and peer runs, as the job's --amp (default auto: bf16 where the CPU has it)")
     add("--efficiency-reads", nargs="+", choices=("native", "resampled"), default=["native", "resampled"],
         help="efficiency runs reading the slide natively and/or resampled by 2 (default: both)")
     add("--peer-size", type=int, default=None, help="side of the in-memory image of the peer comparison (2048)")
@@ -118,7 +118,7 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
         from benchmarks import peer
 
         return peer.run(slide, args.model_path, workdir, size=args.peer_size, tile_size=args.tile_size,
-                        batch_size=args.batch_size)  # fmt: skip
+                        batch_size=args.batch_size, amp=args.amp)  # fmt: skip
     if name == "memory":
         from benchmarks import memory
 

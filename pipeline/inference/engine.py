@@ -310,9 +310,12 @@ def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, devic
     return predictor.busy_seconds
 
 
-def tiled_logits(source: Any, model: torch.nn.Module, tile_size: int, level: int = 0, batch_size: int = 4) -> np.ndarray:
+def tiled_logits(source: Any, model: torch.nn.Module, tile_size: int, level: int = 0, batch_size: int = 4,
+                 amp: str | None = None) -> np.ndarray:  # fmt: skip
     """Assemble the tiled float32 logits (K, H, W) in memory, through the same geometry, reader and tile
-    function as :func:`segment_slide`; for checking exactness against :func:`whole_image_logits`."""
+    function as :func:`segment_slide` (``amp``: its precision); for checking exactness against
+    :func:`whole_image_logits`."""
     slide = open_slide(source, level)
     grid = tile_grid_for_model(model, slide.size, tile_size)
-    return tiled_region_logits(slide, grid, TilePredictor.for_grid(model, grid, device="cpu"), batch_size=batch_size)
+    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp)
+    return tiled_region_logits(slide, grid, predictor, batch_size=batch_size)
