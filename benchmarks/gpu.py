@@ -7,8 +7,9 @@
   device-resident windows, achieved TFLOP/s and the fraction of ``--peak-tflops``;
 * at one tile/batch: the effect of channels_last, torch.compile (default mode) and CUDA graphs
   (torch.compile mode "reduce-overhead", static shapes);
-* end to end through segment_batch with the Ray path (GPU actor, reads on all the machine's CPUs) on a
-  multi-gigapixel synthetic slide, and its efficiency against the bare TilePredictor call.
+* end to end through the in-process engine (``segment_slide``: shards read ahead and written behind in
+  threads on the host's cores) on a multi-gigapixel synthetic slide and on a real slide, against the fused
+  step. The Ray job is not measured there: the GPU machine has no Ray (its wheel does not fit the carried files).
 
 Without CUDA only the FLOP count runs, and the section says it was skipped and why.
 """
@@ -16,7 +17,6 @@ Without CUDA only the FLOP count runs, and the section says it was skipped and w
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,15 @@ SWEEP_COLUMNS = ["tile (in -> out)", "batch", "GFLOP per tile", "MFLOP per outpu
                  "fraction of peak"]  # fmt: skip
 FLOP_COLUMNS = ["tile (in -> out)", "GFLOP per tile", "MFLOP per output px"]
 VARIANT_COLUMNS = ["variant", "Mpx/s", "TFLOP/s", "fraction of peak"]
-E2E_COLUMNS = ["slide", "tiles", "end-to-end s", "end-to-end Mpx/s", "bare TilePredictor Mpx/s", "efficiency",
-               "end-to-end ÷ model (CUDA graphs)", "peak PSS MiB"]  # fmt: skip
+E2E_COLUMNS = ["run", "gigapixels", "tiles run", "tiles skipped", "wall s", "end-to-end Mpx/s", "fused step Mpx/s",
+               "end-to-end ÷ fused", "model busy", "peak PSS MiB"]  # fmt: skip
 
 
-def paper_unet():
+def paper_unet(base_channels: int = 64):
     from unet import UNet
 
     torch.manual_seed(0)
-    return UNet(in_channels=3, num_classes=2, base_channels=64, depth=4, padding="valid").eval()
+    return UNet(in_channels=3, num_classes=2, base_channels=base_channels, depth=4, padding="valid").eval()
 
 
 def flops_per_tile(model, output_size: int) -> int:
@@ -101,7 +101,7 @@ def sweep(model, tiles: list[int], batches: list[int], seconds: float, peak: flo
     return rows
 
 
-def variants(model, tile: int, batch: int, seconds: float, peak: float) -> list[list[Any]]:
+def variants(model, tile: int, batch: int, seconds: float, peak: float, device: str = "cuda") -> list[list[Any]]:
     out = model.valid_output_size(tile)
     per_px = flops_per_tile(model, out) / out**2
     rows = []
@@ -111,8 +111,11 @@ def variants(model, tile: int, batch: int, seconds: float, peak: float) -> list[
         ("torch.compile (default mode), channels_last", dict(compile="default")),
         ("torch.compile mode=reduce-overhead (CUDA graphs), channels_last", dict(compile="reduce-overhead")),
     ]:
+        if device == "cpu" and options.get("compile"):  # the dry run: CUDA graphs need CUDA, inductor minutes
+            rows.append([label, "not in the dry run", None, None])
+            continue
         try:
-            mpx = model_rate(model, tile, batch, seconds, **options)
+            mpx = model_rate(model, tile, batch, seconds, device=device, **options)
         except Exception as error:  # a compiler or driver problem must not lose the other figures
             rows.append([label, f"failed: {type(error).__name__}: {str(error)[:120]}", None, None])
             continue
@@ -120,53 +123,80 @@ def variants(model, tile: int, batch: int, seconds: float, peak: float) -> list[
     return rows
 
 
-def end_to_end(model, workdir: Path, slide_gpx: float, mosaic_base: int, tile: int, batch: int, seconds: float,
-               compile: bool) -> dict[str, Any]:  # fmt: skip
-    from benchmarks.efficiency import measure
-    from benchmarks.slides import slide_of_size
-    from pipeline.inference.ray_runner import RayOptions
+def end_to_end(model, slide: Path, workdir: Path, tile: int, batch: int, fused_mpx: float | None, device: str,
+               compile: bool | str = False) -> dict[str, Any]:  # fmt: skip
+    """``segment_slide`` (the in-process engine: shards read ahead and written behind in threads, see
+    ``pipeline.inference.engine.engine_threads``) on ``slide`` with tissue detection, bf16: wall seconds,
+    output Mpx/s of the tiles run, and that ÷ the fused step's Mpx/s at the same tile and batch."""
+    import shutil
+    import time
 
-    slide = slide_of_size(workdir, slide_gpx, mosaic_base)
-    cpus = os.cpu_count() or 1
-    options = RayOptions(actors=1, gpus_per_actor=1.0, cpus_per_actor=1.0, batch_size=batch, amp="bf16",
-                         compile=compile, progress=False)  # fmt: skip
-    record = measure(slide, model, workdir, label="gpu", options=options, num_cpus=cpus, tile_size=tile,
-                     forward_seconds=seconds, previews=True)  # fmt: skip
-    record["slide"] = str(slide)
-    return record
+    from benchmarks.common import TreeMemory
+    from pipeline.inference.engine import segment_slide
+
+    out = Path(workdir) / f"gpu-e2e-{Path(slide).stem}.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    with TreeMemory() as memory:
+        started = time.perf_counter()
+        result = segment_slide(str(slide), out, model, tile_size=tile, batch_size=batch, device=device, amp="bf16",
+                               tissue_mask=True, compile=compile)  # fmt: skip
+        wall = time.perf_counter() - started
+    if result.error:
+        raise RuntimeError(f"end-to-end run failed: {result.error}")
+    mpx = result.tiles_run * tile**2 / 1e6
+    return {"slide": str(slide), "gigapixels": result.shape[0] * result.shape[1] / 1e9, "tiles_run": result.tiles_run,
+            "tiles_skipped": result.tiles_skipped, "wall_s": wall, "mpx_per_s": mpx / wall,
+            "model_busy": result.model_seconds / wall, "fused_mpx_per_s": fused_mpx,
+            "vs_fused": mpx / wall / fused_mpx if fused_mpx else None, "peak_pss_mib": memory.as_dict()["peak_pss_mib"]}
+
+
+def e2e_row(label: str, record: dict[str, Any]) -> list[Any]:
+    return [label, f"{record['gigapixels']:.2f}", record["tiles_run"], record["tiles_skipped"], record["wall_s"],
+            record["mpx_per_s"], record["fused_mpx_per_s"], record["vs_fused"], record["model_busy"],
+            record["peak_pss_mib"]]  # fmt: skip
 
 
 def run(workdir: Path, *, tiles: list[int], batches: list[int], peak_tflops: float, slide_gpx: float,
-        mosaic_base: int, quick: bool, e2e_tile: int = 1024, e2e_batch: int = 4) -> dict[str, Any]:  # fmt: skip
-    model = paper_unet()
+        mosaic_base: int, quick: bool, e2e_tile: int = 1024, e2e_batch: int = 4, real_slide: Path | None = None,
+        bundled: Path | None = None, dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The GPU figures; ``dry_run`` runs every step on the CPU at toy sizes (to check the script, not to measure)."""
+    from benchmarks.slides import slide_of_size
+    from unet import load_model
+
+    model = paper_unet() if not dry_run else paper_unet(base_channels=8)  # the dry run checks steps, not speed
     flops = flop_table(model, tiles)
     notes = [f"FLOPs: torch.utils.flop_counter on the meta device, paper U-Net (3 -> 64 base -> depth 4, valid); "
              f"peak {peak_tflops:g} TFLOP/s dense bf16 (--peak-tflops)."]  # fmt: skip
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not dry_run:
         reason = (f"torch.cuda.is_available() is False (torch {torch.__version__}, no CUDA device on this machine); "
-                  "only the FLOP count ran. On a GPU node: python benchmarks/run.py --sections gpu --peak-tflops 790")
+                  "only the FLOP count ran. On a GPU machine: bash benchmarks/device_check.sh")
         return {"skipped": reason, "columns": FLOP_COLUMNS, "rows": flops, "notes": notes}
-    seconds = 2.0 if quick else 5.0
-    record: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)}
+    device = "cpu" if dry_run else "cuda"
+    seconds = 0.5 if dry_run else (2.0 if quick else 4.0)
+    record: dict[str, Any] = {"gpu": "dry run on the CPU" if dry_run else torch.cuda.get_device_name(0)}
+    small = load_model(bundled) if bundled else None
     with load_watch(record):
-        record["sweep"] = sweep(model, tiles, batches, seconds, peak_tflops)
-        record["variants"] = variants(model, e2e_tile, e2e_batch, seconds, peak_tflops)
-        record["end_to_end"] = end_to_end(model, workdir, slide_gpx, mosaic_base, e2e_tile, e2e_batch, seconds,
-                                          compile=True)  # fmt: skip
-    e2e = record["end_to_end"]
-    pipeline = e2e["pipeline"]
-    graphs = record["variants"][-1][1]
-    e2e_rows = [[Path(e2e["slide"]).name, pipeline["tiles_run"], pipeline["wall_s"], pipeline["mpx_per_s"],
-                 e2e["bare_mpx_per_s"], e2e["efficiency"],
-                 pipeline["mpx_per_s"] / graphs if isinstance(graphs, float) else None,
-                 pipeline["memory"]["peak_pss_mib"]]]  # fmt: skip
-    notes.append(f"Variants and end to end at tile {e2e_tile}, batch {e2e_batch}, bf16. End to end: segment_batch, "
-                 f"1 GPU actor with CUDA graphs, reads and writes on the other {os.cpu_count() - 1} CPUs, no tissue "
-                 "mask; bare = TilePredictor call on pre-read host windows (copies included); model = the fused "
-                 "step on device-resident windows (the CUDA-graph variant).")  # fmt: skip
-    tables = [
-        ("variants", VARIANT_COLUMNS, record["variants"]),
-        ("end to end", E2E_COLUMNS, e2e_rows),
-        ("FLOPs", FLOP_COLUMNS, flops),
-    ]
-    return {"columns": SWEEP_COLUMNS, "rows": record["sweep"], "tables": tables, "records": record, "notes": notes}
+        record["sweep"] = sweep(model, tiles, batches, seconds, peak_tflops, device=device)
+        if small is not None:
+            record["sweep_bundled"] = sweep(small, tiles, batches, seconds, peak_tflops, device=device)
+        record["variants"] = variants(model, e2e_tile, e2e_batch, seconds, peak_tflops, device=device)
+        fused = model_rate(model, e2e_tile, e2e_batch, seconds, device=device)  # the step at the run's tile
+        slide = slide_of_size(workdir, slide_gpx, mosaic_base)
+        record["end_to_end"] = [("paper U-Net, synthetic", end_to_end(model, slide, workdir, e2e_tile, e2e_batch,
+                                                                      fused, device))]  # fmt: skip
+        if real_slide is not None and small is not None:
+            tile = 256 if dry_run else 1024
+            fused_small = model_rate(small, tile, e2e_batch, seconds, device=device)
+            record["end_to_end"].append(("bundled model, " + Path(real_slide).name, end_to_end(
+                small, real_slide, workdir, tile, e2e_batch, fused_small, device)))
+    tables = [("variants", VARIANT_COLUMNS, record["variants"]),
+              ("end to end (in-process engine)", E2E_COLUMNS, [e2e_row(label, r) for label, r in record["end_to_end"]]),
+              ("FLOPs", FLOP_COLUMNS, flops)]  # fmt: skip
+    if small is not None:
+        tables.insert(0, ("bundled model sweep", SWEEP_COLUMNS, record["sweep_bundled"]))
+    notes.append(f"Variants and the synthetic end to end at tile {e2e_tile}, batch {e2e_batch}, bf16. End to end: "
+                 "segment_slide in this process (no Ray on the GPU machine), tissue detected, shards read ahead and "
+                 "written behind in threads; 'fused' = the fused step's Mpx/s on device-resident windows at the same "
+                 "tile and batch (eager, channels_last).")  # fmt: skip
+    return {"columns": SWEEP_COLUMNS, "rows": record["sweep"], "tables": tables, "records": record, "notes": notes,
+            "device": device}

@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gpu-tiles", type=int, nargs="+", default=None, help="GPU output tile sides (default 388 900 1284 1668 2052)")
     add("--gpu-batches", type=int, nargs="+", default=None, help="GPU batch sizes (default 1 4 16)")
     add("--gpu-slide-gpx", type=float, default=4.0, help="GPU end-to-end slide size in gigapixels (default 4)")
+    add("--gpu-real-slide", type=Path, default=None, help="a real slide for the GPU end to end (bundled model)")
+    add("--gpu-e2e-tile", type=int, default=1024, help="output tile of the GPU end-to-end runs (default 1024)")
+    add("--gpu-mosaic-base", type=int, default=None, help="rendered base of the GPU mosaic slide (default --mosaic-base)")
+    add("--gpu-dry-run", action="store_true",
+        help="run every step of the GPU section on the CPU at toy sizes (checks the script; measures nothing)")
     add("--read-windows", type=int, default=None, help="windows per level and reader in the reads section (2000)")
     add("--cohort-sizes", type=int, nargs="+", default=None, help="slides per cohort run (default 100 1000 2000)")
     add("--cohort-slide-side", type=int, default=None, help="side of each cohort slide in px (default 1024)")
@@ -154,7 +159,9 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
     from benchmarks import gpu
 
     return gpu.run(workdir, tiles=args.gpu_tiles, batches=args.gpu_batches, peak_tflops=args.peak_tflops,
-                   slide_gpx=args.gpu_slide_gpx, mosaic_base=args.mosaic_base, quick=args.quick)  # fmt: skip
+                   slide_gpx=args.gpu_slide_gpx, mosaic_base=args.gpu_mosaic_base or args.mosaic_base,
+                   quick=args.quick, real_slide=args.gpu_real_slide, bundled=args.model_path,
+                   dry_run=args.gpu_dry_run, e2e_tile=args.gpu_e2e_tile)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:

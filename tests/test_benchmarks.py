@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import varied_unet
+from conftest import shared_file, varied_unet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -175,3 +175,22 @@ def test_cohort_big_slide_times_planning_and_the_end_and_counts_the_files(tmp_pa
     stored = sum(1 for p in (tmp_path / "big-slide.zarr").rglob("*") if p.is_file())
     assert big["files"] == stored and big["files_before"] > big["files"]  # a file per tile before, per shard now
     assert cohort.files_before_shards((512, 512), 256, run=3, skipped=1) == 4 + 3 + 1 + 12  # level 1: one chunk
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_exercises_every_step_but_the_cuda_ones(tmp_path):
+    """benchmarks/device_check.sh --dry-run: environment, imports, the CUDA tests (skipped here), the GPU section
+    at toy sizes on the CPU, including segment_slide end to end on a synthetic and a real slide."""
+    import os
+
+    shared_file("slides/cmu-1-small-region.svs")  # skips without ../shared
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=600)  # fmt: skip
+    steps = (tmp_path / "steps.log").read_text()
+    assert done.returncode == 0 and "imports: ok" in steps, steps
+    assert "end cuda-tests rc=0" in steps and "end gpu rc=0" in steps, steps
+    gpu = json.loads((tmp_path / "gpu.json").read_text())["sections"]["gpu"]
+    runs = {row[0]: row for row in dict((t[0], t[2]) for t in gpu["tables"])["end to end (in-process engine)"]}
+    assert set(runs) == {"paper U-Net, synthetic", "bundled model, cmu-1-small-region.svs"}
+    assert all(row[2] > 0 and row[5] > 0 for row in runs.values())  # tiles run, end-to-end Mpx/s

@@ -84,6 +84,9 @@ class TilePredictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            if self.amp_dtype is None:  # float32 means float32: TF32 would keep 10 bits of each input's mantissa
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
         self._forward = self._step
         if self.compile:
             if self.batch_size is None:
