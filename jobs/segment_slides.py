@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 from typing import Any  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "nuclei-unet.pt"
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--read-tasks", choices=("auto", "on", "off"), default="auto",
         help="read tile windows in CPU tasks of their own (on) or inside the model actors (off); auto = on for GPU "
         "actors, off for CPU actors, which then read beside their forward pass (default: %(default)s)")
+    add("--verbose", action="store_true", help="debug messages, and Ray's own start-up lines")
+    add("--log-file", metavar="FILE", default=None, help="also append every message (debug included) to FILE")
     add("--probabilities", action="store_true", help="also store per-class softmax probabilities (uint8, x255)")
     add("--overwrite", action="store_true",
         help="replace existing outputs of these slides (only theirs). Without it, rerunning a command resumes: "
@@ -143,9 +146,26 @@ def options_from(args: argparse.Namespace, model: Any):
     return config, options
 
 
+def setup_logging(verbose: bool, log_file: str | None) -> None:
+    """INFO on the terminal (DEBUG with --verbose, Ray's own start-up lines too); everything, DEBUG included,
+    appended to ``log_file`` when given."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers[0].setLevel(logging.DEBUG if verbose else logging.INFO)
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+        handlers[1].setLevel(logging.DEBUG)
+    logging.basicConfig(level=logging.DEBUG if verbose or log_file else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if log_file else
+                        "%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    for noisy in ("urllib3", "matplotlib", "PIL", "asyncio", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        os.environ["WSI_VERBOSE"] = "1"  # Ray's own start-up lines too (pipeline.inference.ray_setup)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose, args.log_file)
     from pipeline.inference.batch import segment_batch
     from pipeline.text import one_line
     from pipeline.inference.report import format_table
@@ -187,5 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if run.failed or run.report is None else 0
 
 
+def run() -> None:
+    """The console entry point (``wsi-segment``) and ``python jobs/segment_slides.py``."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ray is shut down by main's finally; stores stay "running", never "complete"
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

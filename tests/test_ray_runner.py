@@ -272,6 +272,24 @@ def test_report_helpers(tmp_path):
     assert one_line(RuntimeError("first\nsecond")) == "RuntimeError: first"
 
 
+def test_the_table_rates_only_this_runs_work_and_shows_kept_outputs_as_kept():
+    from pipeline.inference.engine import SegmentResult
+
+    fresh = SegmentResult("a.svs", "a.zarr", (1000, 2000), 0, 0.5, tiles_total=40, tiles_run=30, tiles_skipped=10,
+                          seconds=4.0)  # fmt: skip
+    resumed = SegmentResult("b.svs", "b.zarr", (1000, 2000), 0, 0.5, tiles_total=40, tiles_run=6, tiles_skipped=10,
+                            seconds=1.0, tiles_done_earlier=24)  # fmt: skip
+    kept = SegmentResult("c.svs", "c.zarr", (1000, 2000), 0, 0.5, tiles_total=40, tiles_run=0, tiles_skipped=10,
+                         seconds=0.01, kept=True)  # fmt: skip
+    assert fresh.megapixels_per_second == pytest.approx(0.5)  # the slide's 2 Mpx in 4 s
+    assert resumed.megapixels_per_second == pytest.approx(0.4)  # 6 of its 30 tiles to run: 0.4 Mpx in 1 s
+    assert kept.megapixels_per_second is None and kept.to_dict()["mpx_per_s"] is None
+    rows = {line.split()[0]: line.split() for line in format_table([fresh, resumed, kept]).splitlines()[2:]}
+    assert rows["a.svs"][3:7] == ["30/10", "-", "4.0", "0.50"]
+    assert rows["b.svs"][3:8] == ["6/10", "24", "earlier", "1.0", "0.40"]
+    assert rows["c.svs"][3:7] == ["-", "kept", "0.0", "kept"]
+
+
 # --------------------------------------------------------------------------- the CLI
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return run_job(*args, timeout=timeout)

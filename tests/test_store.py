@@ -173,3 +173,16 @@ def test_pyramid_levels_written_with_the_shards_and_after_them_are_every_other_p
                                                                                       (256, 256), (256, 256)]
     for level in range(1, 5):
         assert np.array_equal(open_labels(tmp_path / "s.zarr", level)[...], level0[:: 2**level, :: 2**level]), level
+
+
+def test_provenance_records_the_slides_absolute_path_and_a_relative_rerun_still_resumes(tmp_path, monkeypatch):
+    import tifffile
+
+    from pipeline.store.output_store import read_provenance
+
+    monkeypatch.chdir(tmp_path)
+    tifffile.imwrite("slide.tif", random_image(200, 150, seed=3), photometric="rgb")
+    segment_slide("slide.tif", "out.zarr", varied_unet(), tile_size=64)
+    assert read_provenance(tmp_path / "out.zarr")["source"] == str(tmp_path / "slide.tif")
+    again = segment_slide("./slide.tif", "out.zarr", varied_unet(), tile_size=64, resume=True)
+    assert again.error is None and again.tiles_run == 0  # the same slide: nothing to redo

@@ -27,7 +27,7 @@ from pipeline.inference.scheduler import PlanRequest, Scheduler
 from pipeline.slides.sources import SlideLimits
 from pipeline.store.durability import durable_mkdir
 from pipeline.store.locking import StoreLock, StoreLockedError
-from pipeline.store.output_store import read_provenance
+from pipeline.store.output_store import same_source, read_provenance
 from pipeline.text import one_line
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def kept_result(slide: Path, output: Path, wanted: dict[str, Any]) -> SegmentRes
     existing = read_provenance(output)
     if not existing or existing.get("status") != "complete":
         return None
-    if any(existing.get(key) != value for key, value in {"source": str(slide), **wanted}.items()):
+    if not same_source(existing, {"source": str(slide)}) or any(existing.get(k) != v for k, v in wanted.items()):
         return None
     return SegmentResult(
         slide=str(slide), output=str(output), shape=tuple(existing["shape"]), level=existing["level"],

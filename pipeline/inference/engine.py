@@ -118,12 +118,19 @@ class SegmentResult:
         return self.model_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def megapixels_per_second(self) -> float:
-        return self.shape[0] * self.shape[1] / 1e6 / self.seconds if self.seconds > 0 else 0.0
+    def megapixels_per_second(self) -> float | None:
+        """Slide megapixels per second of this run's own work: the slide's area times the share of its tiles to
+        run that this run ran (a resumed slide counts only what this run did); None for a kept output."""
+        if self.kept or self.seconds <= 0:
+            return None
+        to_run = self.tiles_total - self.tiles_skipped
+        share = self.tiles_run / to_run if to_run > 0 else 1.0
+        return self.shape[0] * self.shape[1] / 1e6 * share / self.seconds
 
     def to_dict(self) -> dict[str, Any]:
+        rate = self.megapixels_per_second
         return {**asdict(self), "status": self.status, "resumed": self.resumed,
-                "mpx_per_s": round(self.megapixels_per_second, 4), "model_busy": round(self.model_busy, 4)}  # fmt: skip
+                "mpx_per_s": None if rate is None else round(rate, 4), "model_busy": round(self.model_busy, 4)}  # fmt: skip
 
 
 def resolve_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
@@ -142,7 +149,7 @@ def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk
     from unet.artifact import model_checksum
 
     return {
-        "source": slide.path or slide.name,
+        "source": os.path.abspath(slide.path) if slide.path else slide.name,  # absolute: the store may move
         "level": slide.level,
         "shape": list(grid.shape),
         "mpp": slide.mpp,

@@ -130,6 +130,24 @@ def finalize_remote(plan: SlidePlan, preview: bool) -> str | None:
     return None
 
 
+class ModelInStore:
+    """The model's ObjectRef, wrapped so that Ray hands it to the actors' constructor inside an argument: a bare
+    ObjectRef argument of a restartable actor makes Ray log an error-level line at every start
+    (ray-project/ray#53727), while the driver keeps the model alive for restarts either way."""
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+
+class RayShardActor(ShardActor):
+    """:class:`ShardActor` as a Ray actor: fetches the model from the object store once, at start."""
+
+    def __init__(self, model: ModelInStore, *args: Any) -> None:
+        import ray
+
+        super().__init__(ray.get(model.ref), *args)
+
+
 def ray_pieces(options: RayOptions) -> dict[str, Any]:
     """The remote functions and actor class, with the options' resources (created once Ray is up)."""
     import ray
@@ -140,7 +158,7 @@ def ray_pieces(options: RayOptions) -> dict[str, Any]:
         "read": ray.remote(**cpu_task)(read_shard),
         "write": ray.remote(**cpu_task)(write_outcome),
         "finalize": ray.remote(**cpu_task)(finalize_remote),
-        "actor": ray.remote(ShardActor).options(
+        "actor": ray.remote(RayShardActor).options(
             num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None,
             max_concurrency=SHARDS_IN_FLIGHT if options.reads_in_actor else 1,
             max_restarts=-1, max_task_retries=-1,  # a killed actor comes back and its shards run again

@@ -56,6 +56,9 @@ def init_ray(
     if ray.is_initialized():
         return ray
     kwargs.setdefault("log_to_driver", False)
+    # Ray's own start-up lines (the token-auth notice, "Started a local Ray instance") only with WSI_VERBOSE=1
+    # (the job's --verbose); its errors always
+    kwargs.setdefault("logging_level", logging.INFO if os.environ.get("WSI_VERBOSE") == "1" else logging.ERROR)
     if repo_root is not None and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ and "runtime_env" not in kwargs:
         paths = [str(repo_root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}

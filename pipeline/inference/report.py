@@ -84,10 +84,18 @@ def format_table(results: Sequence[SegmentResult]) -> str:
     for r in results:
         size = f"{r.shape[1]}x{r.shape[0]}" if r.shape[0] else "-"
         rows.append((
-            Path(r.slide).name, size, str(r.level), f"{r.tiles_run}/{r.tiles_skipped}", _resumed(r),
-            f"{r.seconds:.1f}", f"{r.megapixels_per_second:.2f}", r.output, r.status,
+            Path(r.slide).name, size, str(r.level), "-" if r.kept else f"{r.tiles_run}/{r.tiles_skipped}", _resumed(r),
+            f"{r.seconds:.1f}", _rate(r), r.output, r.status,
         ))  # fmt: skip
     return text_table(header, rows)
+
+
+def _rate(result: SegmentResult) -> str:
+    """This run's Mpx/s, "kept" for an output left as it was, "-" for a failure."""
+    if result.kept:
+        return "kept"
+    rate = result.megapixels_per_second
+    return "-" if rate is None or not result.ok else f"{rate:.2f}"
 
 
 def _resumed(result: SegmentResult) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pipeline.inference.engine import SegmentResult, SlidePlan
-from pipeline.inference.ray_runner import RayOptions, actor_threads, ray_pieces, without_shards
+from pipeline.inference.ray_runner import ModelInStore, RayOptions, actor_threads, ray_pieces, without_shards
 from pipeline.inference.tile_batches import ShardOutcome
 from pipeline.slides.geometry import Shard
 from pipeline.text import one_line
@@ -118,7 +118,8 @@ class Scheduler:
         from pipeline.inference.ray_runner import check_cpus_left
 
         check_cpus_left(self.options)
-        self.actors = [self.pieces["actor"].remote(self.model_ref, *self.actor_args) for _ in range(self.options.actors)]
+        model = ModelInStore(self.model_ref)
+        self.actors = [self.pieces["actor"].remote(model, *self.actor_args) for _ in range(self.options.actors)]
         while True:
             self._pull_items()
             self._dispatch()

@@ -177,7 +177,7 @@ def open_existing_store(
         return None
     existing = read_provenance(path)
     if overwrite:
-        if not replace_other_slides and existing is not None and not _same_source(existing, provenance):
+        if not replace_other_slides and existing is not None and not same_source(existing, provenance):
             raise OutputExistsError(
                 f"{path}: holds the result of another slide ({existing.get('source')}), not of "
                 f"{provenance.get('source')}; --overwrite replaces only a slide's own output (slides are compared by "
@@ -200,7 +200,7 @@ def open_existing_store(
     )
 
 
-def _same_source(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+def same_source(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether a store was made from the same slide file (paths compared resolved, so ``./a.svs`` is ``a.svs``)."""
     old, new = existing.get("source"), wanted.get("source")
     return old == new or (isinstance(old, str) and isinstance(new, str) and Path(old).resolve() == Path(new).resolve())
@@ -359,7 +359,9 @@ RESUME_KEYS = (
 
 
 def _check_resumable(path: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
-    changed = [k for k in RESUME_KEYS if existing.get(k) != wanted.get(k)]
+    changed = [k for k in RESUME_KEYS if k != "source" and existing.get(k) != wanted.get(k)]
+    if not same_source(existing, wanted):
+        changed.insert(0, "source")
     if "pixels" in changed and "pixels" not in existing:  # made before reads were native (2026-12)
         if existing.get("level", 0) == 0 or float(existing.get("level0_downsample") or 1).is_integer():
             changed.remove("pixels")  # level 0 and whole-number downsamples were read exactly then too
