@@ -342,6 +342,8 @@ def test_cli_end_to_end(model, tmp_path):
     assert by_name["missing.svs"]["status"].startswith("failed: ")
     assert report["settings"]["model_checksum"] == model_checksum(artifact)
     assert "small-16px.svs" in done.stdout and "complete" in done.stdout  # the table
+    for noise in ("Token authentication", "constructor arguments in the object store", "Traceback"):
+        assert noise not in done.stderr, done.stderr  # Ray's start-up notices stay hidden without --verbose
     assert (out / "small-16px.png").stat().st_size > 0  # the preview
     with torch_threads(1):  # the job's precision (--amp auto), its actor's one thread
         segment_slide(slide, tmp_path / "ref.zarr", artifact, tile_size=256, amp="auto")
@@ -402,3 +404,27 @@ def test_a_rerun_keeps_complete_outputs_from_their_metadata_alone_without_ray(mo
     changed = segment_batch([str(plain)], out, model, BatchConfig(tile_size=128, previews=False),
                             RayOptions(progress=False))  # other settings: planned (here: Ray refused)  # fmt: skip
     assert changed.failed and "Ray was started" in changed.results[0].error
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_exits_130_without_a_traceback(model, tmp_path):
+    import signal
+
+    from conftest import kill_session, start_job
+    from unet import save_model
+
+    artifact = save_model(model, tmp_path / "model.pt")
+    out = tmp_path / "out"
+    job = start_job(str(shared_file("slides/cmu-1-small-region.svs")), "--out", str(out), "--model", str(artifact),
+                    "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (out / "cmu-1-small-region.zarr").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=120)
+    finally:
+        kill_session(job.pid)
+    assert job.returncode == 130, err
+    assert "interrupted: rerun the same command to resume" in err and "Traceback" not in err, err
+    assert read_provenance(out / "cmu-1-small-region.zarr")["status"] != "complete"

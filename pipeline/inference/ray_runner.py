@@ -18,6 +18,7 @@ across slides is :mod:`pipeline.inference.scheduler`.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -131,21 +132,38 @@ def finalize_remote(plan: SlidePlan, preview: bool) -> str | None:
 
 
 class ModelInStore:
-    """The model's ObjectRef, wrapped so that Ray hands it to the actors' constructor inside an argument: a bare
-    ObjectRef argument of a restartable actor makes Ray log an error-level line at every start
-    (ray-project/ray#53727), while the driver keeps the model alive for restarts either way."""
+    """The model's ObjectRef, boxed so that Ray passes it along unresolved."""
 
     def __init__(self, ref: Any) -> None:
         self.ref = ref
 
 
-class RayShardActor(ShardActor):
-    """:class:`ShardActor` as a Ray actor: fetches the model from the object store once, at start."""
+class RayShardActor:
+    """:class:`ShardActor` as a Ray actor. Its constructor takes no ObjectRef, not even a nested one: Ray logs an
+    error-level line for any restartable actor whose constructor arguments live in the object store
+    (ray-project/ray#53727). Each call carries the boxed model reference instead; the actor fetches the model once
+    (``load``, called right after it is created, or its first call) and a restarted actor fetches it again from
+    the next call, while the driver keeps the model alive for the whole run."""
 
-    def __init__(self, model: ModelInStore, *args: Any) -> None:
+    def __init__(self, *args: Any) -> None:
+        self.args, self.actor, self.lock = args, None, threading.Lock()
+
+    def load(self, model: ModelInStore) -> None:
+        self._shard_actor(model)
+
+    def _shard_actor(self, model: ModelInStore) -> ShardActor:
         import ray
 
-        super().__init__(ray.get(model.ref), *args)
+        with self.lock:
+            if self.actor is None:
+                self.actor = ShardActor(ray.get(model.ref), *self.args)
+        return self.actor
+
+    def run(self, model: ModelInStore, plan: Any, shard: Any) -> Any:
+        return self._shard_actor(model).run(plan, shard)
+
+    def predict(self, model: ModelInStore, plan: Any, shard: Any, block: Any) -> Any:
+        return self._shard_actor(model).predict(plan, shard, block)
 
 
 def ray_pieces(options: RayOptions) -> dict[str, Any]:

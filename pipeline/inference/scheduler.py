@@ -118,8 +118,10 @@ class Scheduler:
         from pipeline.inference.ray_runner import check_cpus_left
 
         check_cpus_left(self.options)
-        model = ModelInStore(self.model_ref)
-        self.actors = [self.pieces["actor"].remote(model, *self.actor_args) for _ in range(self.options.actors)]
+        self.model_box = ModelInStore(self.model_ref)
+        self.actors = [self.pieces["actor"].remote(*self.actor_args) for _ in range(self.options.actors)]
+        for actor in self.actors:
+            actor.load.remote(self.model_box)  # fetch the model now, while the first slides are planned
         while True:
             self._pull_items()
             self._dispatch()
@@ -173,10 +175,10 @@ class Scheduler:
         actor = min(range(len(self.actors)), key=self.actor_load.__getitem__)
         self.actor_load[actor] += 1
         if self.options.reads_in_actor:
-            ref = self.actors[actor].run.remote(plan, shard)
+            ref = self.actors[actor].run.remote(self.model_box, plan, shard)
         else:  # GPU actors: read and write in CPU tasks, so the model never waits for either
             region = self.pieces["read"].remote(plan, shard)
-            output = self.actors[actor].predict.remote(plan, shard, region)
+            output = self.actors[actor].predict.remote(self.model_box, plan, shard, region)
             ref = self.pieces["write"].remote(plan, shard, output)
         self.waiting[ref] = ("shard", slide_id, actor)
 
