@@ -46,6 +46,9 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
+DATA_OPTIONS = ("data", "val_data", "slide", "val_slide", "val_files")  # what a user's own --data/--slide replaces
+
+
 def _mpp_pair(text: str) -> tuple[str, float]:
     pattern, _, value = text.rpartition("=")
     try:
@@ -159,9 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.preset:
-        parser.set_defaults(**PRESETS[first.preset])
+    preset = dict(PRESETS[first.preset]) if first.preset else {}
+    # The data options append: as defaults they would add to the preset's images; given, they replace them
+    # (and the preset's held-out names, which name its own images).
+    parser.set_defaults(**{key: value for key, value in preset.items() if key not in DATA_OPTIONS})
     args = parser.parse_args(argv)
+    if not any(getattr(args, key) for key in ("data", "slide")):
+        for key in DATA_OPTIONS:
+            if getattr(args, key) is None and key in preset:
+                setattr(args, key, list(preset[key]))
     if not args.data and not args.slide:
         parser.error("no training data: give --data DIR and/or --slide SLIDE LABELS (or a --preset)")
     # Ray workers run in another working directory: hand them absolute paths, checked here in the driver.

@@ -318,6 +318,10 @@ def test_train_cli_presets_map_to_the_paper_configuration():
     assert cfg.val_files == ["25", "26", "27", "28", "29"]
     cfg = train_unet.config_from_args(train_unet.parse_args(["--data", str(REPO), "--no-weight-map", "--image-mpp", "a*=0.25"]))
     assert not cfg.weight_map and cfg.image_mpp == {"a*": 0.25}
+    own = train_unet.parse_args(["--preset", "nuclei", "--data", str(shared_file("isbi2012"))])  # replaces, not adds
+    assert own.data == [str(shared_file("isbi2012").resolve())] and not own.val_files
+    again = train_unet.parse_args(["--preset", "nuclei"])  # and the preset's own list is untouched by that
+    assert again.data == [str(Path(p).resolve()) for p in train_unet.PRESETS["nuclei"]["data"]]
 
 
 def test_whole_slide_patches_are_sampled_on_tissue(tmp_path):
