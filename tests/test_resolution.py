@@ -65,3 +65,16 @@ def test_resampling_by_two_is_the_rounded_mean_of_each_two_by_two_block_in_any_r
     assert np.array_equal(view.read(5, 21, 3, 40), whole[5:21, 3:40])
     general = ResampledSource(open_slide(image), 2.0 + 1e-12)  # the separable filter, a hair off 2
     assert np.array_equal(general.read(0, h, 0, w), whole)
+
+
+def test_implausible_pixel_size_is_flagged_when_segmenting_a_level_and_in_the_summary(tmp_path, caplog):
+    from pipeline.analysis.summary import summarize_store
+
+    slide = shared_file("slides/boxes-generic.tiff")  # its metadata claims 352.8 µm/px
+    with caplog.at_level(logging.WARNING):
+        result = segment_slide(slide, tmp_path / "boxes.zarr", varied_unet(), tile_size=64, level=0)
+    assert result.error is None and "outside the 0.05-5 that slide scanners write" in caplog.text
+    assert summarize_store(tmp_path / "boxes.zarr").row()["mpp_plausible"] is False
+    cmu = segment_slide(shared_file("slides/cmu-1-small-region.svs"), tmp_path / "cmu.zarr", varied_unet(),
+                        tile_size=256, level=0, tissue_mask=True)  # fmt: skip
+    assert cmu.error is None and summarize_store(tmp_path / "cmu.zarr").row()["mpp_plausible"] is True

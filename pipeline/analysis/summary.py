@@ -30,6 +30,7 @@ from pipeline.text import text_table
 from pipeline.analysis.components import ComponentOptions, Components, connected_components
 from pipeline.slides.coordinates import store_level0_downsample
 from pipeline.slides.inputs import InputKind, expand_inputs
+from pipeline.slides.resolution import implausible_mpp
 from pipeline.store.output_store import LABELS_PATH
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,8 @@ class SlideSummary:
         row: dict[str, Any] = {
             "slide": self.store.name, "store": str(self.store.path), "source": info.get("source"),
             "level": info.get("level"), "level0_downsample": self.level0_downsample,
-            "mpp": self.mpp, "height_px": self.store.shape[0], "width_px": self.store.shape[1],
+            "mpp": self.mpp, "mpp_plausible": implausible_mpp(self.mpp and self.mpp / self.level0_downsample, "") is None,
+            "height_px": self.store.shape[0], "width_px": self.store.shape[1],
             "connectivity": self.components.connectivity, "min_object_px": self.min_object_px,
             "tissue_source": self.tissue_source,
             "tissue_area_px": round(self.tissue_pixels), "tissue_area_mm2": self.tissue_mm2,
@@ -269,6 +271,9 @@ def summarize_store(path: str | Path, options: AnalysisOptions = AnalysisOptions
     components = connected_components(store.labels, len(store.class_names), labelled, options.components)
     if store.mpp is None:
         logger.warning("%s: no µm/px in the store; µm² and mm² columns and densities are left empty", path)
+    level0_mpp = store.mpp / store_level0_downsample(store.provenance, store.path) if store.mpp else None
+    if warning := implausible_mpp(level0_mpp, str(path)):
+        logger.warning("%s", warning)
     tissue, source = tissue_pixels(store, options.detect_tissue)
     summary = SlideSummary(
         store, components.class_pixels, tissue, source, object_classes, components, min_px,

@@ -24,7 +24,7 @@ from pipeline.inference.predict import TilePredictor
 from pipeline.inference.tile_batches import (
     TileProgress, predict_shard, read_shard, tiled_region_logits, write_shard,
 )  # fmt: skip
-from pipeline.slides.resolution import open_for_segmentation
+from pipeline.slides.resolution import implausible_mpp, open_for_segmentation
 from pipeline.slides.pyramid import open_slide
 from pipeline.slides.sources import SlideLimits, SlideSource
 from pipeline.slides.shard_blocks import ShardBlocks, check_shard_reach
@@ -219,6 +219,8 @@ def plan_slide(
     tiles per shard side (default: shards of about 4096 pixels, see :data:`~pipeline.slides.geometry.SHARD_SIDE`).
     """
     slide = open_for_segmentation(source, level, target_mpp, mpp, require_mpp=require_mpp)
+    if slide.mpp and (warning := implausible_mpp(slide.mpp / slide.level0_downsample, slide.path or slide.name)):
+        logger.warning("%s", warning)
     in_channels = model.config.in_channels
     if slide.shape[2] != in_channels:
         raise ValueError(

@@ -19,7 +19,19 @@ from pipeline.slides.sources import ResampledSource, SlideError, SlideSource
 
 logger = logging.getLogger(__name__)
 
+PLAUSIBLE_LEVEL0_MPP = (0.05, 5.0)  # µm/px of slide scanners' full resolution: 0.1-0.3 at 40x ... ~2 at 5x
 MAX_UPSAMPLING = 2.0  # a model trained at 0.5 µm/px runs on a 1 µm/px (10x) scan; beyond that, refuse
+
+
+def implausible_mpp(level0_mpp: float | None, name: str) -> str | None:
+    """A one-line warning when a slide's level-0 µm/px is outside what scanners write (wrong metadata makes
+    every µm², mm² and density wrong), else None."""
+    low, high = PLAUSIBLE_LEVEL0_MPP
+    if level0_mpp is None or low <= level0_mpp <= high:
+        return None
+    return (f"{name}: its metadata says {level0_mpp:g} µm/px at full resolution, outside the {low:g}-{high:g} that "
+            "slide scanners write; areas, densities and --mpp choices use it: check it, or give the right value "
+            "(segment_slide(..., mpp=X))")
 
 
 def level_for_mpp(level_mpps: list[float], target: float) -> int:
