@@ -97,8 +97,7 @@ def test_token_is_made_on_the_head_and_synced_to_every_worker():
 def test_documented_commands_fetch_the_token_from_where_the_head_makes_it():
     config, _ = load()
     text = (ROOT / "cluster.yaml").read_text()
-    user = config["auth"]["ssh_user"]
-    assert f"ray rsync-down cluster.yaml /home/{user}/.ray/auth_token" in text
+    assert "ray rsync-down cluster.yaml /home/ray/.ray/auth_token" in text  # the container's user and home
     submit = r"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=\S+ \\\n#\s+ray job submit --address http://127\.0\.0\.1:8265"
     assert re.search(submit, text)
 
@@ -106,16 +105,15 @@ def test_documented_commands_fetch_the_token_from_where_the_head_makes_it():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("bash") is None, reason="runs bash")
 @pytest.mark.skipif(not Path(sys.executable).with_name("ray").exists(), reason="no `ray` command beside this Python")
 def test_setup_commands_make_a_private_token_once_and_workers_refuse_to_start_without_it(tmp_path):
-    """The head's and workers' setup commands as written, run with bash in throwaway homes (~/venv is this venv)."""
+    """The head's and workers' setup commands as written, run with bash in throwaway homes (this venv's `ray`)."""
     config, _ = load()
     (make,) = [c for c in config["head_setup_commands"] if "get-auth-token" in c]
     (check,) = config["worker_setup_commands"]
 
     def run(command: str, home: Path) -> subprocess.CompletedProcess:
-        (home / "venv").mkdir(parents=True, exist_ok=True)
-        if not (home / "venv" / "bin").exists():
-            (home / "venv" / "bin").symlink_to(Path(sys.executable).parent)
-        env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        home.mkdir(parents=True, exist_ok=True)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")])
+        env = {"HOME": str(home), "PATH": path}  # `ray` on the PATH, as in the nodes' container
         return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
 
     head, worker = tmp_path / "head", tmp_path / "worker"
@@ -133,3 +131,35 @@ def test_setup_commands_make_a_private_token_once_and_workers_refuse_to_start_wi
     (worker / ".ray").mkdir()
     shutil.copy2(token, worker / ".ray" / "auth_token")  # what cluster_synced_files' rsync -a does
     assert run(check, worker).returncode == 0
+
+
+# --------------------------------------------------------------------------- a config that would boot
+CHECK = ROOT / "jobs" / "check_cluster_config.py"
+
+
+def test_nodes_run_a_python_the_project_supports_and_a_pinned_cuda_torch():
+    config, _ = load()
+    image = config["docker"]["image"]
+    assert re.search(r"rayproject/ray:[\d.]+-py31[1-9]-gpu$", image), image
+    assert "-v /data:/data" in config["docker"]["run_options"]  # the shared storage reaches the container
+    amis = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    assert amis == {"resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"}
+    assert any(re.search(r"torch==[\d.]+\S* --index-url https://download\.pytorch\.org/whl/cu\d+", c)
+               for c in config["setup_commands"])  # fmt: skip
+
+
+def test_check_script_refuses_the_unfilled_template_and_accepts_a_filled_copy(tmp_path):
+    done = subprocess.run([sys.executable, str(CHECK), str(ROOT / "cluster.yaml")], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert "unfilled placeholder REPLACE_WITH_NFS_EXPORT" in line and "cluster.yaml:" in line and "efs" in line
+    filled = tmp_path / "cluster.yaml"
+    filled.write_text((ROOT / "cluster.yaml").read_text().replace(
+        "REPLACE_WITH_NFS_EXPORT", "fs-0123456789abcdef0.efs.us-east-1.amazonaws.com:/"))
+    done = subprocess.run([sys.executable, str(CHECK), str(filled)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ok:"), done.stderr
+    old = tmp_path / "old.yaml"
+    old.write_text(filled.read_text().replace("-py312-gpu", "-py310-gpu").replace("--index-url", "--extra-index-url"))
+    done = subprocess.run([sys.executable, str(CHECK), str(old)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Python 3.10" in done.stderr and "without pinning a CUDA build" in done.stderr
