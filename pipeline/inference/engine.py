@@ -62,9 +62,10 @@ class SlidePlan:
         return self.slide.level0_downsample
 
     def finalize(self) -> None:
-        """Build the pyramid and mark the store complete; only once every tile is in (checked on disk)."""
+        """Build the pyramid and the root image of the slide, and mark the store complete; only once every tile
+        is in (checked on disk)."""
         if not self.complete:
-            self.store.finalize()
+            self.store.finalize(self.slide)
 
     def result(
         self, tiles_run: int, seconds: float, error: str | None = None, model_seconds: float = 0.0

@@ -44,6 +44,7 @@ import zarr
 
 from pipeline.slides.geometry import Shard, TileGrid
 from pipeline.store.durability import durable_mkdir, durable_replace, sync_files, sync_tree
+from pipeline.store.slide_overview import write_overview
 from pipeline.store.label_pyramid import LABELS_PATH, build_pyramid, level_shard_side, pyramid_shapes, shard_levels
 from pipeline.store.locking import check_lock_owner
 from pipeline.store.shard_state import (
@@ -139,14 +140,18 @@ class OutputStore:
         """(shard rows, shard cols) bool: the shards written whole and marked done."""
         return read_done_shards(self.path)
 
-    def finalize(self) -> None:
-        """Build the viewer pyramid and mark the store complete: last, and only if every shard is in."""
+    def finalize(self, slide: Any = None) -> None:
+        """Build the viewer pyramid (and, given the ``slide``, the root image of it), then mark the store complete:
+        last, and only if every shard is in."""
         states = self.tile_states()
         missing = int((states == TILE_PENDING).sum())
         if missing:
             raise RuntimeError(f"{self.path}: {missing} tiles are not written yet; not marking it complete")
         self.check_lock(force=True)  # now, not up to LOCK_CHECK_SECONDS ago
         build_pyramid(self.path, first=self._shard_levels() + 1)  # the levels below came with their shards
+        if slide is not None:  # before the provenance is read: zarr rewrites a group's attributes whole
+            levels = len(zarr.open_group(f"{self.path}/{LABELS_PATH}", mode="r").attrs["ome"]["multiscales"][0]["datasets"])
+            write_overview(self.path, slide, read_provenance(Path(self.path)).get("mpp"), levels)
         root = self.root
         info = dict(root.attrs["wsi_unet"])
         info.update(tiles_segmented=int((states == TILE_DONE).sum()),

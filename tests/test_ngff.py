@@ -1,0 +1,54 @@
+"""The store is an NGFF 0.5 image of the slide with its labels: readers find both, the models validate it, and the
+slide under the mask lines up in µm at every level."""
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import random_image, varied_unet
+from pipeline import open_slide, segment_slide
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    image = random_image(700, 900, seed=6) // 4  # dark, with one bright square whose centre we know
+    image[200:300, 500:640] = 250
+    path = tmp_path_factory.mktemp("ngff") / "slide.zarr"
+    result = segment_slide(open_slide(image, mpp=0.25), path, varied_unet(), tile_size=64)
+    assert result.error is None
+    return path
+
+
+def test_the_store_validates_as_an_ngff_image_with_labels(store):
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+    from ome_zarr_models.v05.labels import Labels
+
+    root = zarr.open_group(str(store), mode="r")
+    image = Image.from_zarr(root)  # also checks the labels' levels against the image's
+    assert len(image.attributes.ome.multiscales[0].datasets) == len(root["labels/segmentation"].attrs["ome"]["multiscales"][0]["datasets"])
+    Labels.from_zarr(root["labels"])
+    ImageLabel.from_zarr(root["labels/segmentation"])
+
+
+def test_ome_zarr_reader_finds_the_slide_and_its_labels_at_the_root(store):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    nodes = list(Reader(parse_url(str(store)))())
+    assert any(isinstance(spec, Multiscales) for spec in nodes[0].specs) and nodes[0].data[0].shape[0] == 3
+    assert any(isinstance(spec, Label) for node in nodes for spec in node.specs)
+
+
+def test_slide_and_mask_line_up_in_micrometres_at_every_level(store):
+    root = zarr.open_group(str(store), mode="r")
+    mpp = root.attrs["wsi_unet"]["mpp"]
+    centre_um = np.array([249.5, 569.5]) * mpp  # the square's centre in the segmented level, µm
+    for dataset in root.attrs["ome"]["multiscales"][0]["datasets"]:
+        level = root[dataset["path"]][...].mean(axis=0)
+        scale, translation = (t[k][1:] for t, k in zip(dataset["coordinateTransformations"], ("scale", "translation")))
+        bright = np.argwhere(level > 0.5 * (level.max() + level.min()))
+        if len(bright) < 4:
+            continue  # the square is a pixel or less here
+        found_um = bright.mean(axis=0) * np.array(scale) + np.array(translation)
+        assert np.abs(found_um - centre_um).max() <= 0.5 * max(scale), (dataset["path"], found_um, centre_um)
