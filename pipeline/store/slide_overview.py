@@ -60,8 +60,10 @@ def write_overview(store: str | Path, slide: Any, mpp: float | None, count: int,
     levels = overview_levels(thumbnail, count)
     root = zarr.open_group(str(store), mode="r+")
     for k, image in enumerate(levels):
+        whole = tuple(-(-side // CHUNK) * CHUNK for side in image.shape[:2])  # one shard: one file per level
         root.create_array(str(k), data=np.ascontiguousarray(image.transpose(2, 0, 1)), overwrite=True,
-                          chunks=(image.shape[2], CHUNK, CHUNK), dimension_names=["c", "y", "x"])  # fmt: skip
+                          chunks=(image.shape[2], CHUNK, CHUNK), shards=(image.shape[2], *whole),
+                          dimension_names=["c", "y", "x"])  # fmt: skip
     transforms = level_transforms(slide.size, thumbnail.shape[:2], len(levels), mpp)
     unit = {"unit": "micrometer"} if mpp else {}
     root.attrs["ome"] = {
