@@ -378,3 +378,28 @@ def test_in_process_local_mode_resumes_from_its_own_checkpoint(tmp_path):
     rows = read_metrics(tmp_path / "runs" / "local")
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["start_epoch"] == 1
     assert (tmp_path / "runs" / "local" / "best-model.pt").is_file()
+
+
+def test_a_model_without_mpp_or_real_class_names_is_reported_loudly_at_the_end():
+    from pipeline.training.trainer import card_warnings
+    from unet.model import ModelCard
+
+    bare = card_warnings(ModelCard(class_names=["background", "foreground"], mpp=None))
+    assert len(bare) == 2 and "no µm/px" in bare[0] and "--class-names" in bare[1]
+    assert card_warnings(ModelCard(class_names=["background", "nucleus"], mpp=0.5)) == []
+
+
+def test_rank_zero_shows_progress_within_a_long_epoch(capsys, monkeypatch):
+    from pipeline.training import loop
+
+    clock = iter([0.0, 10.0, 40.0, 41.0, 0.0, 50.0])  # start, then three steps; a quiet rank's start and step
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    progress = loop.EpochProgress(0, 5, batches=100, limit=None, show=True, every=30.0)
+    progress.step(1, 0.9, 4)   # 10 s in: too soon
+    progress.step(4, 0.7, 16)  # 40 s in: a line
+    progress.step(5, 0.6, 20)  # 1 s later: too soon again
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/5: step 4/100, loss 0.7000, 0.4 samples/s, ~960 s left")
+    quiet = loop.EpochProgress(0, 5, batches=100, limit=None, show=False, every=0.0)
+    quiet.step(50, 0.5, 200)
+    assert capsys.readouterr().out == ""  # the other ranks print nothing

@@ -174,6 +174,7 @@ def train_fn(config: dict[str, Any]) -> None:
         sampler.set_epoch(epoch)
         model.train()
         loss_sum, steps, samples = 0.0, 0, 0
+        progress = EpochProgress(epoch, cfg.epochs, len(loader), cfg.max_steps_per_epoch, show=rank == 0)
         for step, (inputs, target, weights) in enumerate(loader):
             if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
                 break
@@ -189,6 +190,7 @@ def train_fn(config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach())
             steps += 1
             samples += inputs.shape[0]
+            progress.step(steps, loss_sum / steps, samples)
         train_seconds = time.perf_counter() - started
 
         totals = evaluate(net, my_val, data.label_mode, cfg.val_tile, device, amp_dtype, channels_last)
@@ -239,6 +241,26 @@ def _save_local_checkpoint(run_dir: Path, state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / STATE_FILE) as partial:
         torch.save(state, partial)
+
+
+class EpochProgress:
+    """Rank 0's progress within an epoch: a line at most every ``every`` seconds (and none for short epochs),
+    so a long first epoch shows it is moving."""
+
+    def __init__(self, epoch: int, epochs: int, batches: int, limit: int | None, show: bool, every: float = 30.0):
+        self.epoch, self.epochs, self.show, self.every = epoch, epochs, show, every
+        self.total = min(batches, limit) if limit is not None else batches
+        self.started = self.last = time.perf_counter()
+
+    def step(self, steps: int, mean_loss: float, samples: int) -> None:
+        now = time.perf_counter()
+        if not self.show or now - self.last < self.every or steps >= self.total:
+            return
+        self.last = now
+        rate = samples / max(now - self.started, 1e-9)
+        left = (self.total - steps) * (now - self.started) / steps
+        print(f"epoch {self.epoch + 1}/{self.epochs}: step {steps}/{self.total}, loss {mean_loss:.4f}, "
+              f"{rate:.1f} samples/s, ~{left:.0f} s left in the epoch", flush=True)
 
 
 def _epoch_line(metrics: dict, epochs: int) -> str:

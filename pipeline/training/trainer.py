@@ -59,6 +59,11 @@ def fit(
     )
     result = trainer.fit()
     best = run_dir / "best-model.pt"
+    if best.is_file():
+        from unet import load_model
+
+        for warning in card_warnings(load_model(best).card):
+            logger.warning("%s: %s", best, warning)
     if export is not None:
         if not best.is_file():
             raise FileNotFoundError(f"{best}: no best model was written (did any epoch run?)")
@@ -66,6 +71,22 @@ def fit(
         shutil.copyfile(best, export)
         logger.info("exported %s -> %s", best, export)
     return result
+
+
+GENERIC_CLASS_NAMES = ({"background", "foreground"}, {"foreground"})
+
+
+def card_warnings(card) -> list[str]:
+    """What a trained model does not say about itself and a user of it needs: its µm/px and real class names."""
+    warnings = []
+    if card.mpp is None:
+        warnings.append("the model records no µm/px: segment_slides.py will run it at level 0 whatever the scan's "
+                        "resolution; train with --mpp X (and --image-mpp GLOB=MPP for your images) to record it")  # fmt: skip
+    names = {name.lower() for name in card.class_names or ["foreground"]}
+    if any(names == generic for generic in GENERIC_CLASS_NAMES) or any(name.startswith("class_") for name in names):
+        warnings.append(f"its class names are the defaults {card.class_names}: tables, GeoJSON and viewers will "
+                        "show those; train with --class-names NAME ... to name them")  # fmt: skip
+    return warnings
 
 
 def best_mode(metric: str) -> str:
