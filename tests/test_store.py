@@ -186,3 +186,16 @@ def test_provenance_records_the_slides_absolute_path_and_a_relative_rerun_still_
     assert read_provenance(tmp_path / "out.zarr")["source"] == str(tmp_path / "slide.tif")
     again = segment_slide("./slide.tif", "out.zarr", varied_unet(), tile_size=64, resume=True)
     assert again.error is None and again.tiles_run == 0  # the same slide: nothing to redo
+
+
+def test_many_readers_and_writers_as_on_a_gpu_write_the_same_store(tmp_path, monkeypatch):
+    """The in-process engine's GPU layout (shards read ahead by several threads, written behind by several),
+    run on the CPU: the store equals the one-reader, one-writer run's, file for file."""
+    from conftest import assert_identical_stores
+    from pipeline.inference import engine
+
+    image, model = random_image(520, 700, seed=9), varied_unet()
+    segment_slide(image, tmp_path / "one.zarr", model, tile_size=64, shard_tiles=2)
+    monkeypatch.setattr(engine, "engine_threads", lambda device: (3, 2))
+    segment_slide(image, tmp_path / "many.zarr", model, tile_size=64, shard_tiles=2)
+    assert_identical_stores(tmp_path / "many.zarr", tmp_path / "one.zarr")
