@@ -11,6 +11,7 @@ exactness checks use :func:`tiled_region_logits`, the same windows and predictor
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,11 +41,35 @@ def read_windows(slide: Any, grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray
 ShardInput = tuple  # (pixels (h, w, C) uint8, origin (y, x) in slide pixels): a shard's input block
 
 
+SLIDES_KEPT = 4  # slides whose block descriptions a process keeps (an actor works on one or two at a time)
+_blocks: OrderedDict[tuple, ShardBlocks] = OrderedDict()
+_blocks_lock = threading.Lock()
+
+
+def blocks_for(plan: Any) -> ShardBlocks:
+    """The slide's :class:`ShardBlocks`, built once per process and slide: Ray hands every actor call and read
+    task a fresh copy of the plan, so the cache is keyed by what names the slide in a run (its store, grid and
+    pixels), not by the plan object."""
+    slide = plan.slide
+    key = (str(plan.store.path), plan.grid, slide.path or slide.name, tuple(slide.shape), slide.pixels)
+    with _blocks_lock:
+        if key in _blocks:
+            _blocks.move_to_end(key)
+            return _blocks[key]
+    blocks = ShardBlocks(slide, plan.grid)  # outside the lock: two threads may build it, one is kept
+    with _blocks_lock:
+        _blocks[key] = blocks
+        while len(_blocks) > SLIDES_KEPT:
+            _blocks.popitem(last=False)
+    return blocks
+
+
 def read_shard(plan: Any, shard: Shard, blocks: ShardBlocks | None = None) -> ShardInput:
     """The shard's input block, read once: every window of its tiles, mirrored at the slide border.
 
-    ``blocks``: the slide's :class:`ShardBlocks`, built once per slide by callers that read many shards."""
-    return (blocks or ShardBlocks(plan.slide, plan.grid)).read(shard)
+    ``blocks``: the slide's :class:`ShardBlocks` (the in-process engine builds it per plan); by default this
+    process's cached one (:func:`blocks_for`)."""
+    return (blocks or blocks_for(plan)).read(shard)
 
 
 def cut_windows(region: np.ndarray, origin: tuple[int, int], grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray:
@@ -112,10 +137,9 @@ def write_shard(plan: Any, shard: Shard, output: ShardOutput) -> None:
         raise ShardWriteError(f"writing {plan.store.path}: {one_line(error)}") from error
 
 
-def run_shard(plan: Any, shard: Shard, predictor: Any, batch_size: int, lock: Any = None,
-              blocks: ShardBlocks | None = None) -> ShardOutput:  # fmt: skip
+def run_shard(plan: Any, shard: Shard, predictor: Any, batch_size: int, lock: Any = None) -> ShardOutput:
     """Read, predict and write one shard (CPU actors)."""
-    output = predict_shard(predictor, plan, shard, read_shard(plan, shard, blocks), batch_size, lock)
+    output = predict_shard(predictor, plan, shard, read_shard(plan, shard), batch_size, lock)
     write_shard(plan, shard, output)
     return output
 
@@ -139,8 +163,6 @@ class ShardActor:
     numpy, zarr: mostly outside the GIL) overlap the other's forward pass, and a lock keeps forward passes
     one at a time, so the model's threads are never shared. GPU actors only predict (:meth:`predict`)."""
 
-    SLIDES_KEPT = 4  # slides whose block descriptions an actor keeps (it works on one or two at a time)
-
     def __init__(self, model: Any, tile_size: int, device: str, amp: str | None, probabilities: bool,
                  compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
         if device == "cpu" and threads > 0:
@@ -149,19 +171,10 @@ class ShardActor:
         self.predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, probabilities=probabilities,
                                                 compile=compile, batch_size=batch_size)  # fmt: skip
         self.batch_size, self.forward_lock = batch_size, threading.Lock()
-        self.blocks: dict[tuple[str, TileGrid], ShardBlocks] = {}  # per slide in flight (by its store: unique in a run)
-
-    def blocks_for(self, plan: Any) -> ShardBlocks:
-        key = (str(plan.store.path), plan.grid)
-        if key not in self.blocks:
-            while len(self.blocks) >= self.SLIDES_KEPT:
-                self.blocks.pop(next(iter(self.blocks)))  # the oldest slide: finished, or read again at ~0.1 s
-            self.blocks[key] = ShardBlocks(plan.slide, plan.grid)
-        return self.blocks[key]
 
     def run(self, plan: Any, shard: Shard) -> ShardOutcome:
         try:
-            output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock, self.blocks_for(plan))
+            output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock)
         except Exception as error:  # a bad read or a failed write fails this shard (and its slide) alone
             return ShardOutcome(error=one_line(error))
         return ShardOutcome(output.tiles, output.model_seconds)
