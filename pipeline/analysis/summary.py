@@ -208,6 +208,11 @@ class SlideSummary:
         areas = self.components.areas(cls)
         return areas[areas >= self.min_object_px] if self.min_object_px > 1 else areas
 
+    @property
+    def mpp_warning(self) -> str | None:
+        """One line when the store's full-resolution µm/px is outside what scanners write, else None."""
+        return implausible_mpp(self.mpp / self.level0_downsample if self.mpp else None, str(self.store.path))
+
     def density(self, cls: int) -> float | None:
         """Objects of class ``cls`` per mm² of tissue."""
         tissue = self.tissue_mm2
@@ -218,7 +223,7 @@ class SlideSummary:
         row: dict[str, Any] = {
             "slide": self.store.name, "store": str(self.store.path), "source": info.get("source"),
             "level": info.get("level"), "level0_downsample": self.level0_downsample,
-            "mpp": self.mpp, "mpp_plausible": implausible_mpp(self.mpp and self.mpp / self.level0_downsample, "") is None,
+            "mpp": self.mpp, "mpp_plausible": self.mpp_warning is None,
             "height_px": self.store.shape[0], "width_px": self.store.shape[1],
             "connectivity": self.components.connectivity, "min_object_px": self.min_object_px,
             "tissue_source": self.tissue_source,
@@ -271,14 +276,13 @@ def summarize_store(path: str | Path, options: AnalysisOptions = AnalysisOptions
     components = connected_components(store.labels, len(store.class_names), labelled, options.components)
     if store.mpp is None:
         logger.warning("%s: no µm/px in the store; µm² and mm² columns and densities are left empty", path)
-    level0_mpp = store.mpp / store_level0_downsample(store.provenance, store.path) if store.mpp else None
-    if warning := implausible_mpp(level0_mpp, str(path)):
-        logger.warning("%s", warning)
     tissue, source = tissue_pixels(store, options.detect_tissue)
     summary = SlideSummary(
         store, components.class_pixels, tissue, source, object_classes, components, min_px,
         store_level0_downsample(store.provenance, store.path), time.perf_counter() - started,
     )  # fmt: skip
+    if summary.mpp_warning:
+        logger.warning("%s", summary.mpp_warning)
     logger.info("%s: %d objects, %.1f s", store.name, sum(len(summary.object_areas(k)) for k in object_classes),
                 summary.seconds)  # fmt: skip
     return summary
