@@ -19,6 +19,7 @@ Sections (``--sections``, default all):
               files per gigapixel, wall vs the slides' own times; a big slide's planning and after-last-tile work
   cpu         forward Mpx/s, GFLOP/s and share of a measured matmul peak per precision, layout and thread count;
               argmax agreement with float32 on cmu-1 and a synthetic slide; tiled vs whole per mode; resampled reads
+  instances   out-of-core exact nuclei instance labelling of a synthetic class map: s per gigapixel vs one read
 
 Slides and models are generated once into --workdir (keep it between runs); results go to
 benchmarks/results/bench-<time>.json unless --json is given.
@@ -34,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability", "cohort", "cpu")
+SECTIONS = ("efficiency", "peer", "memory", "tissue", "gpu", "reads", "durability", "cohort", "cpu", "instances")
 TITLES = {
     "efficiency": "(a) Pipeline efficiency: end-to-end ÷ bare forward",
     "peer": "(b) Peer comparison: MONAI sliding_window_inference, same model, same image",
@@ -45,6 +46,7 @@ TITLES = {
     "durability": "(g) Durability: the cost of fsync per shard, store creation and finalize",
     "cohort": "(h) Cohorts: N slides in one command (first tile, driver memory, files per gigapixel)",
     "cpu": "(i) CPU modes: precision and layout against the CPU's peak, with exactness; resampled reads",
+    "instances": "(j) Nuclei instances: out-of-core exact labelling vs reading the class map once",
 }
 
 
@@ -92,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--cohort-big-gpx", type=float, nargs="+", default=None,
         help="gigapixels of big slides whose planning, after-last-tile work and files are measured (default 0.1 1 15; "
         "0: none)")
+    add("--instances-gpx", type=float, default=None,
+        help="gigapixels of the instances section's synthetic class map (default 0.25; --quick 0.02)")
     return p.parse_args(argv)
 
 
@@ -108,6 +112,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.cohort_slide_side = args.cohort_slide_side or (512 if quick else 1024)
     big = args.cohort_big_gpx if args.cohort_big_gpx is not None else ([] if quick else [0.1, 1.0, 15.0])
     args.cohort_big_gpx = [gpx for gpx in big if gpx > 0]
+    args.instances_gpx = args.instances_gpx or (0.02 if quick else 0.25)
     return args
 
 
@@ -150,6 +155,10 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
         from benchmarks import durability
 
         return durability.run(workdir, side=min(args.slide_size, 8192), tile_size=args.tile_size)
+    if name == "instances":
+        from benchmarks import instances
+
+        return instances.run(workdir, gigapixels=args.instances_gpx)
     if name == "cohort":
         from benchmarks import cohort
 

@@ -5,7 +5,8 @@
     python jobs/summarize_results.py results/*.zarr --geojson --figures --out reports/
 
 Per slide: area of each class (px, µm², mm²), tissue area, object counts of the object classes (objects
-cut by chunk borders counted once), objects per mm² of tissue and object size statistics; written to
+cut by chunk borders counted once; a store with nuclei instances, labels/nuclei, counts the instances),
+objects per mm² of tissue and object size statistics; written to
 OUT/summary.csv and printed as a table. ``--geojson`` writes OUT/<slide>.geojson (level-0 pixel
 coordinates, QuPath: File > Import objects); ``--figures`` writes OUT/<slide>-overview.png. A store
 that is missing, unfinished or unreadable is reported on one line and the others are still summarized;
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--objects", nargs="+", metavar="CLASS", default=None,
         help="class names (or indices) counted as objects and exported as QuPath detections, e.g. --objects "
         "nucleus; the other classes but background are regions (QuPath annotations) (default: every class but "
-        "background, index 0)")
+        "background, index 0, and those a store's instances absorbed, e.g. nucleus boundary). In a store with "
+        "instances (labels/nuclei) the objects of their class are the instances, one GeoJSON feature each")
     add("--min-area", type=float, default=0.0, metavar="UM2",
         help="leave objects smaller than UM2 µm² out of counts, densities, sizes and GeoJSON, e.g. 5 for speckles "
         "(class areas keep every pixel; default: %(default)s, keep all)")
@@ -103,7 +105,7 @@ def summarize_one(path: Path, out_dir: Path, args: argparse.Namespace, analysis,
         from pipeline.analysis.geojson import export_geojson
 
         out = out_dir / f"{summary.store.name}.geojson"
-        export_geojson(path, out, geojson_options(summary, components), summary.components)
+        export_geojson(path, out, geojson_options(summary, components), summary.components, summary.instances)
     if args.figures:
         from pipeline.analysis.figures import write_overview
 

@@ -37,16 +37,20 @@ PRESETS: dict[str, dict] = {
         name="paper-isbi",
     ),
     # The bundled H&E nuclei model (models/nuclei-unet.pt): see models/README.md.
+    # Instances: interior + a 1 px rim class; hard negatives from marked regions of a real slide; no image held
+    # out (quality comes from jobs/cross_validate.py), so the last epoch is the model.
     "nuclei": dict(
-        data=[str(SHARED_DATA / "nuclei")], val_files=["image03", "image09", "image14"], mpp=0.5, image_mpp=NUCLEI_MPP,
+        data=[str(SHARED_DATA / "nuclei")], val_split=0.0, mpp=0.5, image_mpp=NUCLEI_MPP,
+        negatives=[[str(SHARED_DATA / "slides" / "cmu-1-small-region.svs"), str(REPO_ROOT / "models" / "hard-negatives.json")]],
         base_channels=16, depth=3, optimizer="adam", lr=1e-3, lr_schedule="cosine", batch_size=4, output_size=132,
-        weight_map=True, elastic=True, stain_jitter=True, best_metric="val_dice", class_names=["background", "nucleus"],
+        weight_map=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.75, 2.0), blur=1.5,
+        jpeg=(40, 90), epochs=40, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
         name="nuclei-unet",
     ),
 }  # fmt: skip
 
 
-DATA_OPTIONS = ("data", "val_data", "slide", "val_slide", "val_files")  # what a user's own --data/--slide replaces
+DATA_OPTIONS = ("data", "val_data", "slide", "val_slide", "val_files", "negatives")  # what a user's own --data/--slide replaces
 
 
 def _mpp_pair(text: str) -> tuple[str, float]:
@@ -87,12 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "level); patches are sampled around tissue; repeatable")  # fmt: skip
     g.add_argument("--val-slide", nargs=2, action="append", metavar=("SLIDE", "LABELS"), default=None,
                    help="slide held out for validation (--val-tiles-per-slide regions of --val-tile px); repeatable")  # fmt: skip
+    g.add_argument("--negatives", nargs=2, action="append", metavar=("SLIDE", "REGIONS"), default=None,
+                   help="hard negatives: a slide and a JSON of regions on it marked as holding no object (format: "
+                   "models/hard-negatives.json); their 'train' regions are drawn as all-background patches; repeatable")  # fmt: skip
+    g.add_argument("--negative-fraction", type=float, default=default["negative_fraction"],
+                   help="share of the patches drawn from --negatives regions")  # fmt: skip
     g.add_argument("--slide-level", type=int, default=0, help="pyramid level of --slide/--val-slide to train on")
     g.add_argument("--val-tiles-per-slide", type=int, default=default["val_tiles_per_slide"], help="validation regions per --val-slide")
     g.add_argument("--label-mode", choices=("auto", "binary", "classes", "instances"), default="auto",
                    help="binary: nonzero = foreground; classes: value = class index; instances: 0 = background, "
                    "k = object k; auto: instances if >8-bit or >16 values, binary if <=1 foreground value, else classes")  # fmt: skip
     g.add_argument("--num-classes", type=int, default=None, help="classes (default: 2 for binary/instances, max label + 1 for classes)")
+    g.add_argument("--boundary-width", type=int, default=default["boundary_width"],
+                   help="instance labels: add a class for each object's rim of this many px, so the model separates "
+                   "touching objects and the job writes instances (labels/nuclei); 0 = off")  # fmt: skip
     g.add_argument("--mpp", type=float, default=None,
                    help="µm/px to train at and to record in the model; images with a known µm/px (--image-mpp) are "
                    "resampled to it")  # fmt: skip
@@ -131,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flips", action=argparse.BooleanOptionalAction, default=True, help="random flips and 90 degree rotations")
     g.add_argument("--stain-jitter", action=argparse.BooleanOptionalAction, default=False, help="H&E colour jitter in HED space (RGB data)")
     g.add_argument("--intensity-jitter", action=argparse.BooleanOptionalAction, default=True, help="brightness/contrast jitter")
+    g.add_argument("--scale-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="zoom half the patches by a factor drawn log-uniformly in [LOW, HIGH] (e.g. 0.75 2: nuclei as "
+                   "seen from 0.25 to 0.67 µm/px by a 0.5 µm/px model)")  # fmt: skip
+    g.add_argument("--blur", type=float, default=default["blur"], help="max Gaussian blur sigma in px for a quarter of the patches (0: off)")
+    g.add_argument("--jpeg", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="re-encode a quarter of the patches as JPEG at a quality in [LOW, HIGH]")  # fmt: skip
 
     g = p.add_argument_group("execution")
     g.add_argument("--num-workers", type=int, default=1,
@@ -179,7 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.val_data = [absolute(p) for p in args.val_data or []]
     args.slide = [[absolute(p) for p in pair] for pair in args.slide or []]
     args.val_slide = [[absolute(p) for p in pair] for pair in args.val_slide or []]
-    for path in args.data + args.val_data + [p for pair in args.slide + args.val_slide for p in pair]:
+    args.negatives = [[absolute(p) for p in pair] for pair in args.negatives or []]
+    for path in args.data + args.val_data + [p for pair in args.slide + args.val_slide + args.negatives for p in pair]:
         if not Path(path).exists():
             parser.error(f"{path}: not found; check the path")
     args.storage_path = absolute(args.storage_path)
@@ -197,7 +216,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         data=list(args.data or []), val_data=list(args.val_data or []), val_files=list(args.val_files or []),
         val_split=args.val_split, slides=[list(s) for s in args.slide or []],
-        val_slides=[list(s) for s in args.val_slide or []], slide_level=args.slide_level,
+        val_slides=[list(s) for s in args.val_slide or []], negatives=[list(n) for n in args.negatives or []],
+        negative_fraction=args.negative_fraction, boundary_width=args.boundary_width, slide_level=args.slide_level,
         val_tiles_per_slide=args.val_tiles_per_slide, label_mode=args.label_mode, num_classes=args.num_classes,
         mpp=args.mpp, image_mpp=image_mpp or {}, samples_per_epoch=args.samples_per_epoch,
         base_channels=args.base_channels, depth=args.depth, padding=args.padding, batch_norm=args.batch_norm,
@@ -206,6 +226,8 @@ def config_from_args(args: argparse.Namespace):
         lr_schedule=args.lr_schedule, weight_map=args.weight_map, class_balance=args.class_balance, w0=args.w0,
         sigma=args.sigma, flips=args.flips, elastic=args.elastic, elastic_grid=args.elastic_grid,
         elastic_sigma=args.elastic_sigma, stain_jitter=args.stain_jitter, intensity_jitter=args.intensity_jitter,
+        scale_range=tuple(args.scale_range) if args.scale_range else None, blur=args.blur,
+        jpeg=tuple(args.jpeg) if args.jpeg else None,
         amp=args.amp, loader_workers=args.loader_workers, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
         val_tile=args.val_tile, best_metric=args.best_metric, class_names=args.class_names,
         max_steps_per_epoch=args.max_steps_per_epoch,

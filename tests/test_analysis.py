@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pytest
 from analysis_stores import CHUNK, CLASSES, make_store, planted_mask, reference_objects
+from instance_stores import AREAS, BOUNDARY_CLASSES, make_instance_store, touching_nuclei
 from scipy import ndimage
 
 from pipeline.analysis.summary import (
@@ -185,3 +186,49 @@ def test_minimum_object_area_drops_speckles_from_counts_but_not_from_class_areas
     with pytest.raises(ValueError, match="--min-area-px"):
         summarize_store(no_mpp, options(block=None, min_area_um2=2.0))
     assert summarize_store(no_mpp, options(block=None, min_area_px=8)).row()["nucleus_count"] == (areas >= 8).sum()
+
+
+# --------------------------------------------------------------------------- instances (labels/nuclei)
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory):
+    """Two touching nuclei (one class-1 component, two instances) with and without labels/nuclei."""
+    folder = tmp_path_factory.mktemp("nuclei")
+    mask, ids = touching_nuclei()
+    plain = make_store(folder / "plain.zarr", mask, class_names=BOUNDARY_CLASSES)
+    return make_instance_store(folder / "nuclei.zarr", mask, ids), plain, mask
+
+
+@pytest.mark.parametrize("block", [CHUNK, None], ids=["16-px blocks", "one block"])
+def test_instances_are_the_counted_objects_of_their_class(nuclei, block):
+    with_instances, plain, mask = nuclei
+    summary = summarize_store(with_instances, options(block=block))
+    assert summary.object_classes == [1]  # the boundary class is absorbed into the instances, no object of its own
+    assert sorted(summary.object_areas(1)) == list(AREAS)
+    row, tissue = summary.row(), mask.size  # no tissue mask, no slide: the whole image
+    assert row["nucleus_objects_from"] == "instances (labels/nuclei)" and row["nucleus_count"] == 2
+    assert row["nucleus_area_median_px"] == np.median(AREAS) and row["nucleus_area_p90_um2"] == pytest.approx(
+        np.percentile(AREAS, 90) * MPP**2)  # fmt: skip
+    assert row["nucleus_per_mm2_tissue"] == pytest.approx(2 / (tissue * MPP**2 / 1e6))
+    assert row["nucleus_objects_fraction_of_tissue"] == pytest.approx(sum(AREAS) / tissue)
+    assert row["nucleus_area_px"] == (mask == 1).sum() and row["nucleus_boundary_area_px"] == (mask == 2).sum()
+    assert "nucleus_boundary_count" not in row
+    assert "instances (labels/nuclei)" in format_table([summary])
+    old = summarize_store(plain, options(block=block)).row()  # the same mask without instances
+    assert old["nucleus_objects_from"] == "connected components" and old["nucleus_count"] == 1
+    assert old["nucleus_boundary_count"] == 2
+
+
+def test_minimum_area_and_named_classes_with_instances(nuclei):
+    with_instances, _, _ = nuclei
+    assert list(summarize_store(with_instances, options(min_area_px=50)).object_areas(1)) == [max(AREAS)]
+    summary = summarize_store(with_instances, options(object_classes=("nucleus", "nucleus boundary")))
+    assert summary.objects_source(2) == "connected components" and len(summary.object_areas(2)) == 2
+    assert sorted(summary.object_areas(1)) == list(AREAS)
+
+
+def test_provenance_naming_missing_instances_falls_back_to_components(tmp_path, caplog):
+    mask, _ = touching_nuclei()
+    store = make_store(tmp_path / "s.zarr", mask, class_names=BOUNDARY_CLASSES, instances={"rule": {"name": "nuclei"}})
+    with caplog.at_level(logging.WARNING):
+        row = summarize_store(store, options()).row()
+    assert row["nucleus_count"] == 1 and "has none" in caplog.text

@@ -10,10 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {  # room -> rooms it may import (besides itself and pipeline.text)
     "pipeline.slides": set(),
     "pipeline.store": {"pipeline.slides"},
-    "pipeline.inference": {"pipeline.slides", "pipeline.store", "unet"},
+    "pipeline.inference": {"pipeline.slides", "pipeline.store", "pipeline.analysis", "unet"},  # instances at finalize
     "pipeline.analysis": {"pipeline.slides", "pipeline.store"},
-    "pipeline.training": {"pipeline.slides", "pipeline.store", "pipeline.inference", "unet"},
-    "pipeline.demo": {"pipeline.slides", "pipeline.store", "pipeline.inference", "unet"},
+    "pipeline.training": {"pipeline.slides", "pipeline.store", "pipeline.analysis", "pipeline.inference", "unet"},
+    "pipeline.demo": {"pipeline.slides", "pipeline.store", "pipeline.analysis", "pipeline.inference", "unet"},
     "pipeline.text": set(),
     "unet": set(),  # the model alone
 }

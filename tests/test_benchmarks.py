@@ -194,3 +194,12 @@ def test_device_check_dry_run_exercises_every_step_but_the_cuda_ones(tmp_path):
     runs = {row[0]: row for row in dict((t[0], t[2]) for t in gpu["tables"])["end to end (in-process engine)"]}
     assert set(runs) == {"paper U-Net, synthetic", "bundled model, cmu-1-small-region.svs"}
     assert all(row[2] > 0 and row[5] > 0 for row in runs.values())  # tiles run, end-to-end Mpx/s
+
+
+def test_instances_section_times_the_labelling_against_one_read(tmp_path):
+    from benchmarks import instances
+
+    section = instances.run(tmp_path, gigapixels=0.001, workers=1)
+    assert [row[3] for row in section["rows"]] == ["read once", "instances (3 passes)"]
+    assert section["rows"][1][-1] == section["instances"] > 100 and all(row[6] > 0 for row in section["rows"])  # Mpx/s
+    common.markdown_table(section["columns"], section["rows"])

@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 import pytest
 from analysis_stores import CHUNK, CLASSES, make_store, planted_mask, reference_objects
+from instance_stores import AREAS, BOUNDARY_CLASSES, make_instance_store, touching_nuclei
 from skimage.draw import polygon as fill_polygon
 
 from pipeline.analysis.components import ComponentOptions
@@ -199,3 +200,30 @@ def test_objects_from_a_non_integer_level_land_on_the_level0_objects(non_integer
         assert abs(nearest.x - x) <= 4 and abs(nearest.y - y) <= 4, (x, y, nearest)
     drawn, disks = rasterise(features, NON_INTEGER_LEVELS[0]), dark_disks_mask(NON_INTEGER_LEVELS[0])
     assert (drawn & disks).sum() / (drawn | disks).sum() > 0.85
+
+
+def test_one_feature_per_instance_merged_across_blocks(tmp_path):
+    mask, ids = touching_nuclei()
+    store = make_instance_store(tmp_path / "n.zarr", mask, ids)
+    count = export_geojson(store, tmp_path / "n.geojson", GeoJSONOptions(components=ComponentOptions(block=CHUNK)))
+    features = sorted(json.loads((tmp_path / "n.geojson").read_text())["features"],
+                      key=lambda f: f["properties"]["instance_id"])  # fmt: skip
+    assert count == len(features) == 2
+    for number, feature in enumerate(features, start=1):
+        properties = feature["properties"]
+        assert properties["instance_id"] == number and uuid.UUID(feature["id"])
+        assert properties["classification"]["name"] == "nucleus" and properties["objectType"] == "detection"
+        assert properties["measurements"]["Area px"] == AREAS[number - 1]
+        assert feature["geometry"]["type"] == "Polygon"  # the second, cut by four blocks, merged into one
+        assert np.array_equal(rasterise([feature], mask.shape), ids == number)
+    options = GeoJSONOptions(min_area_px=50, components=ComponentOptions(block=CHUNK))
+    assert export_geojson(store, tmp_path / "big.geojson", options) == 1
+
+
+def test_the_same_mask_without_instances_exports_connected_components(tmp_path):
+    mask, _ = touching_nuclei()
+    store = make_store(tmp_path / "plain.zarr", mask, class_names=BOUNDARY_CLASSES)
+    export_geojson(store, tmp_path / "plain.geojson", GeoJSONOptions(components=ComponentOptions(block=CHUNK)))
+    collection = json.loads((tmp_path / "plain.geojson").read_text())
+    assert len(of_class(collection, "nucleus")) == 1 and len(of_class(collection, "nucleus boundary")) == 2
+    assert all("instance_id" not in f["properties"] for f in collection["features"])

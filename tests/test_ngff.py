@@ -52,3 +52,31 @@ def test_slide_and_mask_line_up_in_micrometres_at_every_level(store):
             continue  # the square is a pixel or less here
         found_um = bright.mean(axis=0) * np.array(scale) + np.array(translation)
         assert np.abs(found_um - centre_um).max() <= 0.5 * max(scale), (dataset["path"], found_um, centre_um)
+
+
+@pytest.fixture(scope="module")
+def nuclei_store(tmp_path_factory):
+    """A store of a model that carries an instance rule: it has labels/nuclei beside labels/segmentation."""
+    model = varied_unet()
+    model.card.metadata["instances"] = {"grow_steps": 2, "min_seed_area": 2}
+    path = tmp_path_factory.mktemp("ngff-nuclei") / "slide.zarr"
+    assert segment_slide(open_slide(random_image(300, 260, seed=7), mpp=0.5), path, model, tile_size=64).error is None
+    return path
+
+
+def test_the_instance_labels_validate_and_readers_find_them(nuclei_store):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+    from ome_zarr_models.v05.labels import Labels
+
+    root = zarr.open_group(str(nuclei_store), mode="r")
+    Image.from_zarr(root)  # the labels' levels against the image's, nuclei included
+    assert Labels.from_zarr(root["labels"]).attributes.ome.labels == ["segmentation", "nuclei"]
+    ImageLabel.from_zarr(root["labels/nuclei"])
+    nodes = list(Reader(parse_url(str(nuclei_store)))())
+    found = {node.zarr.path.rstrip("/").rsplit("/", 1)[-1]: node for node in nodes
+             if any(isinstance(spec, Label) for spec in node.specs)}  # fmt: skip
+    assert set(found) == {"segmentation", "nuclei"}
+    assert found["nuclei"].data[0].dtype == np.uint32 and found["nuclei"].data[0].shape == root["labels/nuclei/0"].shape

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import zarr
 from analysis_stores import make_store, planted_mask, reference_objects
+from instance_stores import AREAS, make_instance_store, touching_nuclei
 from PIL import Image
+
+from pipeline.analysis.components import ComponentOptions
+from pipeline.analysis.figures import draw_size_histogram, instance_overlay
+from pipeline.analysis.instance_stats import instance_level
+from pipeline.analysis.summary import AnalysisOptions, summarize_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import summarize_results  # noqa: E402
@@ -95,3 +101,36 @@ def test_help_documents_every_option(capsys):
     for action in summarize_results.build_parser()._actions:
         assert all(option in text for option in action.option_strings)
         assert action.help, action.dest
+
+
+def test_a_store_with_nuclei_instances_reports_instances_everywhere(tmp_path, capsys):
+    mask, ids = touching_nuclei()
+    make_instance_store(tmp_path / "in" / "nuclei.zarr", mask, ids)
+    out = tmp_path / "out"
+    assert summarize_results.main([str(tmp_path / "in"), "--out", str(out), "--geojson", "--figures", "--block", "16",
+                                   "--quiet"]) == 0  # fmt: skip
+    (row,) = read_csv(out / "summary.csv")
+    assert row["nucleus_count"] == "2" and row["nucleus_objects_from"] == "instances (labels/nuclei)"
+    assert float(row["nucleus_area_median_px"]) == np.median(AREAS)
+    assert "instances (labels/nuclei)" in capsys.readouterr().out
+    features = json.loads((out / "nuclei.geojson").read_text())["features"]
+    assert sorted(f["properties"]["instance_id"] for f in features) == [1, 2]
+    assert Image.open(out / "nuclei-overview.png").size[0] > 1000
+
+
+def test_the_overview_draws_instances_in_their_own_colours_and_sizes(tmp_path):
+    from matplotlib.figure import Figure
+
+    mask, ids = touching_nuclei()
+    summary = summarize_store(make_instance_store(tmp_path / "n.zarr", mask, ids),
+                              AnalysisOptions(components=ComponentOptions(block=16)))  # fmt: skip
+    assert np.array_equal(instance_level(summary.instances, (24, 32)), ids[::2, ::2])  # the pyramid level
+    assert instance_level(summary.instances, (10, 13)).shape == (10, 13)  # sampled from the next larger level
+    white = np.full((*ids.shape, 3), 255, dtype=np.uint8)
+    picture = instance_overlay(white, ids).astype(int)
+    first, second, outline = picture[8, 6], picture[12, 16], picture[8, 9]  # inside 1, inside 2, 1's edge next to 2
+    assert np.array_equal(picture[ids == 0], white[ids == 0])
+    assert np.abs(first - second).sum() > 30 and outline.sum() < first.sum()
+    axes = Figure().add_subplot()
+    draw_size_histogram(axes, summary)
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["nucleus instances (n = 2)"]

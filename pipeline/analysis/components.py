@@ -71,7 +71,7 @@ def label_block(block: np.ndarray, classes: Sequence[int], structure: np.ndarray
     Returns (int32 label image, class of each label). Deterministic, so a second pass over the same
     block (e.g. for polygons) finds the same ids.
     """
-    labels = np.zeros(block.shape, dtype=np.int32)
+    labels = None
     label_class: list[np.ndarray] = []
     count = 0
     present = np.bincount(block.ravel(), minlength=max(classes, default=0) + 1)
@@ -79,17 +79,40 @@ def label_block(block: np.ndarray, classes: Sequence[int], structure: np.ndarray
         if not present[k]:
             continue
         found, n = ndimage.label(block == k, structure=structure)
-        where = found > 0
-        labels[where] = found[where] + count
+        if labels is None:  # the first class present: its labels as they are (no masked copy)
+            labels = found.astype(np.int32, copy=False)
+        else:
+            where = found > 0
+            labels[where] = found[where] + count
         label_class.append(np.full(n, k, dtype=np.int16))
         count += n
+    if labels is None:
+        labels = np.zeros(block.shape, dtype=np.int32)
     classes_of = np.concatenate(label_class) if label_class else np.zeros(0, dtype=np.int16)
     return labels, classes_of
 
 
+def first_pixels(labels: np.ndarray, count: int) -> np.ndarray:
+    """Row-major flat index of the first pixel of each label 1..``count`` (int64). ``scipy.ndimage.label`` numbers
+    labels in that very order, so one running maximum finds them; any other numbering falls back to a minimum."""
+    flat = labels.ravel()
+    if flat.size:
+        running = np.maximum.accumulate(flat)
+        rise = np.empty(flat.size, dtype=bool)
+        rise[0], rise[1:] = flat[0] > 0, running[1:] > running[:-1]
+        starts = np.flatnonzero(rise)
+        if len(starts) == count and np.array_equal(flat[starts], np.arange(1, count + 1)):
+            return starts.astype(np.int64)
+    first = np.full(count + 1, flat.size, dtype=np.int64)
+    inside = np.flatnonzero(flat)
+    np.minimum.at(first, flat[inside], inside)
+    return first[1:]
+
+
 @dataclass
 class BlockLabels:
-    """What pass one keeps of a block: class pixel counts, per-label size and class, the four edge lines."""
+    """What pass one keeps of a block: class pixel counts, per-label size and class, the four edge lines, and
+    on request each label's first pixel as a raster key of the whole mosaic (y * width + x)."""
 
     class_pixels: np.ndarray
     areas: np.ndarray
@@ -98,6 +121,7 @@ class BlockLabels:
     bottom: np.ndarray
     left: np.ndarray
     right: np.ndarray
+    keys: np.ndarray | None = None
 
 
 def block_boxes(shape: tuple[int, int], block: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -119,16 +143,21 @@ def batches_of_rows(grid: tuple[int, int], blocks_per_batch: int) -> Iterator[ra
 
 
 def measure_block(array, box: tuple[int, int, int, int], classes: Sequence[int], structure: np.ndarray,
-                  num_classes: int) -> BlockLabels:  # fmt: skip
-    """Pass one for one block: read it, label it, keep only what the merge needs."""
+                  num_classes: int, width: int | None = None) -> BlockLabels:  # fmt: skip
+    """Pass one for one block: read it, label it, keep only what the merge needs (with the mosaic's ``width``,
+    also each label's first-pixel key)."""
     y0, x0, y1, x1 = box
     block = np.asarray(array[y0:y1, x0:x1])
     labels, label_class = label_block(block, classes, structure)
     areas = np.bincount(labels.ravel(), minlength=len(label_class) + 1)[1:]
+    keys = None
+    if width is not None:
+        first = first_pixels(labels, len(label_class))
+        keys = (y0 + first // (x1 - x0)) * width + x0 + first % (x1 - x0)
     return BlockLabels(
         class_pixels=np.bincount(block.ravel(), minlength=num_classes).astype(np.int64), areas=areas.astype(np.int64),
         classes=label_class, top=labels[0].copy(), bottom=labels[-1].copy(), left=labels[:, 0].copy(),
-        right=labels[:, -1].copy(),
+        right=labels[:, -1].copy(), keys=keys,
     )  # fmt: skip
 
 
@@ -164,6 +193,7 @@ class Components:
     component_area: np.ndarray  # pixels
     component_labels: np.ndarray  # block-level labels forming each component
     component_last_block: np.ndarray  # row-major index of the last block holding part of it
+    component_key: np.ndarray | None = None  # raster key (y * width + x) of its first pixel, when asked for
     _by_class: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -186,6 +216,7 @@ class _Merger:
         self.offsets: list[int] = []
         self.areas: list[np.ndarray] = []
         self.classes: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
         self.class_pixels: np.ndarray | None = None
         self.pairs: list[np.ndarray] = []
         self.previous_bottom: np.ndarray | None = None
@@ -200,6 +231,8 @@ class _Merger:
             self.next_id += len(result.areas)
             self.areas.append(result.areas)
             self.classes.append(result.classes)
+            if result.keys is not None:
+                self.keys.append(result.keys)
             self.class_pixels = result.class_pixels + (0 if self.class_pixels is None else self.class_pixels)
         self.offsets += offsets
         top = np.concatenate([self._global(r.top, o) for r, o in zip(row, offsets)])
@@ -224,33 +257,46 @@ class _Merger:
         np.maximum.at(last_block, component, block_of_label)
         component_class = np.zeros(count, dtype=np.int16)
         component_class[component] = label_class
+        component_key = None
+        if self.keys and len(self.keys) == len(self.areas):
+            component_key = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(component_key, component, np.concatenate(self.keys))
         return Components(
             shape=tuple(shape), block=tuple(block), classes=tuple(classes), connectivity=connectivity,
             class_pixels=self.class_pixels, offsets=np.asarray(self.offsets, dtype=np.int64), label_component=component,
             component_class=component_class,
             component_area=np.bincount(component, weights=areas, minlength=count).round().astype(np.int64),
             component_labels=np.bincount(component, minlength=count), component_last_block=last_block,
+            component_key=component_key,
         )  # fmt: skip
 
 
+def _call_on_box(function, array, args: tuple, box):
+    return function(array, box, *args)
+
+
 def map_blocks(function, array, boxes: Sequence[tuple[int, int, int, int]], options: ComponentOptions, *args):
-    """``function(array, box, *args)`` for every box, in parallel on dask's threaded scheduler, in order."""
-    task = dask.delayed(partial(function, array), pure=False, traverse=False)
-    tasks = [task(box, *args) for box in boxes]
+    """``function(array, box, *args)`` for every box, in parallel on dask's threaded scheduler, in order. The
+    arguments are bound, not passed per task: dask would walk them (a zarr array is a deep dataclass) for each."""
+    task = dask.delayed(partial(_call_on_box, function, array, args), pure=False, traverse=False)
+    tasks = [task(box) for box in boxes]
     return dask.compute(*tasks, scheduler="threads", num_workers=options.num_workers)
 
 
-def connected_components(array, num_classes: int, classes: Sequence[int], options: ComponentOptions) -> Components:
+def connected_components(array, num_classes: int, classes: Sequence[int], options: ComponentOptions, *,
+                         block: tuple[int, int] | None = None, keys: bool = False) -> Components:  # fmt: skip
     """Objects of each class of ``classes`` in a 2-D class-index ``array`` (a zarr array; any array with
-    ``shape``, ``chunks`` and 2-D slicing), read block by block."""
+    ``shape``, ``chunks`` and 2-D slicing), read block by block. ``block``: the block shape (default: from the
+    options and the chunks); ``keys``: also each object's first pixel (``component_key``)."""
     shape = tuple(array.shape)
-    block = options.block_shape(tuple(array.chunks))
+    block = tuple(block) if block else options.block_shape(tuple(array.chunks))
     grid = grid_of(shape, block)
     boxes = block_boxes(shape, block)
     merger = _Merger(diagonal=options.connectivity == 8)
     for rows in batches_of_rows(grid, options.blocks_per_batch):
         batch = boxes[rows.start * grid[1] : rows.stop * grid[1]]
-        results = map_blocks(measure_block, array, batch, options, tuple(classes), options.structure, num_classes)
+        results = map_blocks(measure_block, array, batch, options, tuple(classes), options.structure, num_classes,
+                             shape[1] if keys else None)  # fmt: skip
         for r in range(len(rows)):
             merger.add_row(list(results[r * grid[1] : (r + 1) * grid[1]]))
     logger.debug("%d objects from %d blocks of %s px", merger.next_id - 1, len(boxes), block)

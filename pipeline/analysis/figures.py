@@ -2,7 +2,9 @@
 
 Why: a reviewer wants to see at a glance that the mask sits on the tissue and what the numbers are
 before reading a table. The figure is drawn from the low-resolution pyramid of the mask and the slide's
-own thumbnail (never the full resolution), with the same colours as the store's label metadata.
+own thumbnail (never the full resolution), with the same colours as the store's label metadata. A store with
+instances (``labels/nuclei``) shows each instance in its own colour with its outline, since touching nuclei are
+one blob in the class colours, and its size histogram is of the instances.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.analysis.instance_stats import instance_level
 from pipeline.analysis.summary import SlideSummary, format_number
 from pipeline.store.results import overlay, preview_labels, thumbnail_like
 from pipeline.store.output_store import PALETTE
@@ -68,16 +71,50 @@ def title_lines(summary: SlideSummary) -> tuple[str, str]:
     return summary.store.name, "   ·   ".join(parts)
 
 
-def draw_images(axes: list, summary: SlideSummary, labels: np.ndarray, thumb: np.ndarray | None) -> None:
-    """The slide and the mask over it; without the slide (``thumb`` None), the mask alone on white."""
+def instance_colours(ids: np.ndarray) -> np.ndarray:
+    """A random-looking but fixed RGB (0..255) per id, so neighbouring instances differ and reruns match."""
+    from matplotlib.colors import hsv_to_rgb
+
+    hue = (ids.astype(np.uint64) * np.uint64(2654435761) % np.uint64(2**32)) / 2**32  # Knuth's multiplicative hash
+    return hsv_to_rgb(np.stack([hue, np.full_like(hue, 0.7), np.full_like(hue, 0.95)], axis=-1)) * 255
+
+
+def instance_overlay(rgb: np.ndarray, ids: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Each instance of ``ids`` (0: none) in its own colour over ``rgb``, its outline (pixels next to another id,
+    4-neighbours) in a dark shade of it."""
+    out = rgb.astype(np.float32)
+    inside = ids > 0
+    out[inside] = (1 - alpha) * out[inside] + alpha * instance_colours(ids[inside])
+    edge = np.zeros_like(inside)
+    for axis in (0, 1):
+        step = np.diff(ids, axis=axis) != 0
+        lead, trail = [slice(None)] * 2, [slice(None)] * 2
+        lead[axis], trail[axis] = slice(None, -1), slice(1, None)
+        edge[tuple(lead)] |= step
+        edge[tuple(trail)] |= step
+    edge &= inside
+    out[edge] = 0.45 * instance_colours(ids[edge])
+    return out.round().astype(np.uint8)
+
+
+def draw_images(axes: list, summary: SlideSummary, labels: np.ndarray, thumb: np.ndarray | None,
+                ids: np.ndarray | None = None) -> None:  # fmt: skip
+    """The slide and the mask over it; without the slide (``thumb`` None), the mask alone on white. ``ids``:
+    instance ids at the mask's shape, drawn over the classes."""
     from matplotlib.patches import Patch
 
     if thumb is not None:
         axes[0].imshow(thumb, interpolation="lanczos")
         axes[0].set_title("slide", loc="left", fontsize=10)
     background = thumb if thumb is not None else np.full((*labels.shape, 3), 255, dtype=np.uint8)
-    axes[-1].imshow(overlay(background, labels, alpha=0.75 if thumb is not None else 1.0), interpolation="nearest")
-    axes[-1].set_title("segmentation" + ("" if thumb is not None else " (slide file not available)"), loc="left",
+    alpha = 0.75 if thumb is not None else 1.0
+    if ids is None:
+        picture = overlay(background, labels, alpha=alpha)
+    else:
+        picture = instance_overlay(overlay(background, np.where(ids > 0, 0, labels), alpha=alpha), ids, alpha)
+    axes[-1].imshow(picture, interpolation="nearest")
+    title = "segmentation" if ids is None else f"segmentation, {summary.instances.path} in random colours"
+    axes[-1].set_title(title + ("" if thumb is not None else " (slide file not available)"), loc="left",
                        fontsize=10)  # fmt: skip
     for ax in axes:
         ax.set_xticks([])
@@ -121,8 +158,9 @@ def draw_size_histogram(ax, summary: SlideSummary) -> None:
             continue
         top = float(np.percentile(areas, 99)) or float(areas.max())
         ax.hist(areas, bins=np.linspace(0, top, 41), histtype="stepfilled", alpha=0.35, color=colour(k))
+        name = summary.store.class_names[k] + (" instances" if summary.from_instances(k) else "")
         ax.hist(areas, bins=np.linspace(0, top, 41), histtype="step", color=colour(k), linewidth=1.2,
-                label=f"{summary.store.class_names[k]} (n = {len(areas):,})")  # fmt: skip
+                label=f"{name} (n = {len(areas):,})")  # fmt: skip
         ax.axvline(float(np.median(areas)), color=colour(k), linestyle="--", linewidth=1)
         drawn = True
     floor = ""
@@ -151,12 +189,13 @@ def write_overview(summary: SlideSummary, png_path: str | Path, options: FigureO
     from matplotlib.figure import Figure  # not pyplot: no global state, no display, no backend switch
 
     labels = preview_labels(summary.store.path, options.max_side)
+    ids = instance_level(summary.instances, labels.shape) if summary.instances else None
     thumb = slide_thumbnail(summary, labels.shape)
     figure = Figure(figsize=(15, 6.4), layout="constrained")
     grid = figure.add_gridspec(2, 3, width_ratios=(1, 1, 0.85))
     image_axes = [figure.add_subplot(grid[:, 0]), figure.add_subplot(grid[:, 1])] if thumb is not None else [
         figure.add_subplot(grid[:, :2])]  # fmt: skip
-    draw_images(image_axes, summary, labels, thumb)
+    draw_images(image_axes, summary, labels, thumb, ids)
     draw_area_bars(figure.add_subplot(grid[0, 2]), summary)
     draw_size_histogram(figure.add_subplot(grid[1, 2]), summary)
     name, numbers = title_lines(summary)

@@ -3,7 +3,8 @@
 Why: pathologists compare slides by tissue-normalised numbers (nuclei per mm² of tissue, nucleus size
 distribution, area fraction of a class), not by masks. Everything is read out of core: class areas and
 objects come from one block-by-block pass (:mod:`pipeline.analysis.components`), so a gigapixel mask never sits in
-memory and objects cut by block borders are counted once.
+memory and objects cut by block borders are counted once. A store with an instance label image (``labels/nuclei``)
+takes the objects of its seed class from the instances instead (:mod:`pipeline.analysis.instance_stats`).
 
 Conventions: class 0 is background (never an object); areas in µm² use the store's µm/px (``mpp``) of the
 segmented level, squared; a store without µm/px gets pixel columns only (µm columns empty, and a warning).
@@ -28,6 +29,7 @@ import zarr
 
 from pipeline.text import text_table
 from pipeline.analysis.components import ComponentOptions, Components, connected_components
+from pipeline.analysis.instance_stats import Instances, component_classes, default_object_classes, store_instances
 from pipeline.slides.coordinates import store_level0_downsample
 from pipeline.slides.inputs import InputKind, expand_inputs
 from pipeline.slides.resolution import implausible_mpp
@@ -44,7 +46,8 @@ class ResultStoreError(ValueError):
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """``object_classes``: class names or indices counted as objects (None: every non-background class).
+    """``object_classes``: class names or indices counted as objects (None: every non-background class but those
+    a store's instances absorbed, e.g. nucleus boundary).
     ``min_area_um2`` / ``min_area_px``: smaller objects (e.g. speckles of a few pixels) are left out of
     counts, densities and sizes (class areas keep every pixel); 0 keeps all, matching a plain labelling.
     ``detect_tissue``: without a stored tissue mask, detect tissue on the slide's thumbnail."""
@@ -177,7 +180,7 @@ def tissue_pixels(store: StoreInfo, detect: bool) -> tuple[float, str]:
 # --------------------------------------------------------------------------- summary
 @dataclass
 class SlideSummary:
-    """One slide's numbers; ``row()`` is its CSV row. ``components`` feeds the GeoJSON export."""
+    """One slide's numbers; ``row()`` is its CSV row. ``components`` and ``instances`` feed the GeoJSON export."""
 
     store: StoreInfo
     class_pixels: np.ndarray
@@ -188,6 +191,7 @@ class SlideSummary:
     min_object_px: int = 0  # objects smaller than this are left out
     level0_downsample: float = 1.0  # level-0 pixels per stored pixel
     seconds: float = 0.0
+    instances: Instances | None = field(default=None, repr=False)  # objects of instances.seed_class, when present
 
     @property
     def mpp(self) -> float | None:
@@ -203,9 +207,16 @@ class SlideSummary:
     def tissue_mm2(self) -> float | None:
         return self.mm2(self.tissue_pixels)
 
+    def from_instances(self, cls: int) -> bool:
+        return self.instances is not None and cls == self.instances.seed_class
+
+    def objects_source(self, cls: int) -> str:
+        """Where the objects of class ``cls`` come from, as the CSV and the table say it."""
+        return self.instances.source if self.from_instances(cls) else "connected components"
+
     def object_areas(self, cls: int) -> np.ndarray:
         """Pixel areas of the objects of class ``cls`` (at least ``min_object_px`` each)."""
-        areas = self.components.areas(cls)
+        areas = self.instances.sizes() if self.from_instances(cls) else self.components.areas(cls)
         return areas[areas >= self.min_object_px] if self.min_object_px > 1 else areas
 
     @property
@@ -217,6 +228,10 @@ class SlideSummary:
         """Objects of class ``cls`` per mm² of tissue."""
         tissue = self.tissue_mm2
         return len(self.object_areas(cls)) / tissue if tissue else None
+
+    def object_fraction(self, cls: int) -> float | None:
+        """Pixels of the (kept) objects of class ``cls`` over tissue; with instances, interior and boundary."""
+        return float(self.object_areas(cls).sum()) / self.tissue_pixels if self.tissue_pixels else None
 
     def row(self) -> dict[str, Any]:
         info = self.store.provenance
@@ -238,8 +253,10 @@ class SlideSummary:
             if k:  # background over tissue means nothing (glass, lumens and the skipped tiles are in it)
                 row[f"{key}_fraction_of_tissue"] = pixels / self.tissue_pixels if self.tissue_pixels else None
         for k in self.object_classes:
-            row.update(object_columns(column_name(self.store.class_names[k]), self.object_areas(k), self.mpp,
-                                      self.density(k)))  # fmt: skip
+            key = column_name(self.store.class_names[k])
+            row[f"{key}_objects_from"] = self.objects_source(k)
+            row.update(object_columns(key, self.object_areas(k), self.mpp, self.density(k)))
+            row[f"{key}_objects_fraction_of_tissue"] = self.object_fraction(k)
         return row
 
 
@@ -270,16 +287,18 @@ def summarize_store(path: str | Path, options: AnalysisOptions = AnalysisOptions
     """All numbers for one store in one out-of-core pass (plus the low-resolution tissue mask)."""
     started = time.perf_counter()
     store = open_store(path)
-    object_classes = resolve_classes(store.class_names, options.object_classes)
+    instances = store_instances(store.path, store.provenance, store.class_names, options.components)
+    object_classes = (default_object_classes(len(store.class_names), instances) if options.object_classes is None
+                      else resolve_classes(store.class_names, options.object_classes))  # fmt: skip
     min_px = min_object_pixels(store, options)  # before the pass: a bad option fails at once
-    labelled = list(range(1, len(store.class_names)))  # every non-background class: GeoJSON exports regions too
+    labelled = component_classes(len(store.class_names), object_classes, instances)
     components = connected_components(store.labels, len(store.class_names), labelled, options.components)
     if store.mpp is None:
         logger.warning("%s: no µm/px in the store; µm² and mm² columns and densities are left empty", path)
     tissue, source = tissue_pixels(store, options.detect_tissue)
     summary = SlideSummary(
         store, components.class_pixels, tissue, source, object_classes, components, min_px,
-        store_level0_downsample(store.provenance, store.path), time.perf_counter() - started,
+        store_level0_downsample(store.provenance, store.path), time.perf_counter() - started, instances,
     )  # fmt: skip
     if summary.mpp_warning:
         logger.warning("%s", summary.mpp_warning)
@@ -329,7 +348,8 @@ def _csv_text(text: str) -> str:
 
 
 def format_table(summaries: Sequence[SlideSummary]) -> str:
-    """Plain-text table: per slide, tissue and, per object class, count, density, median size, % of tissue."""
+    """Plain-text table: per slide, tissue, where objects come from and, per object class, count, density,
+    median size and % of tissue (with instances, of the instances' pixels)."""
     rows = [table_cells(s) for s in summaries]
     header = list(dict.fromkeys(title for row in rows for title in row))
     cells = [[row.get(title, "-") for title in header] for row in rows]
@@ -338,16 +358,26 @@ def format_table(summaries: Sequence[SlideSummary]) -> str:
 
 def table_cells(s: SlideSummary) -> dict[str, str]:
     cells = {"slide": s.store.name, "µm/px": _fmt(s.mpp, ".3f"), "tissue mm²": _fmt(s.tissue_mm2, ".3f"),
-             "tissue from": s.tissue_source}  # fmt: skip
+             "tissue from": s.tissue_source, "objects from": objects_sources(s)}  # fmt: skip
     for k in s.object_classes:
         name, areas = s.store.class_names[k], s.object_areas(k)
         median = s.um2(float(np.median(areas))) if len(areas) else None
-        percent = 100 * s.class_pixels[k] / s.tissue_pixels if s.tissue_pixels else None
+        fraction = s.object_fraction(k) if s.from_instances(k) else (
+            s.class_pixels[k] / s.tissue_pixels if s.tissue_pixels else None)  # fmt: skip
+        percent = 100 * fraction if fraction is not None else None
         cells[f"{name} n"] = f"{len(areas):,}"
         cells[f"{name}/mm²"] = format_number(s.density(k))
         cells[f"{name} median µm²"] = _fmt(median, ".1f")
         cells[f"{name} % tissue"] = _fmt(percent, ".1f")
     return cells
+
+
+def objects_sources(s: SlideSummary) -> str:
+    """One source when all object classes share it, else "class: source" for each."""
+    sources = {s.store.class_names[k]: s.objects_source(k) for k in s.object_classes}
+    if len(set(sources.values())) <= 1:
+        return next(iter(sources.values()), "-")
+    return "; ".join(f"{name}: {source}" for name, source in sources.items())
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -31,11 +31,12 @@ class DemoRun:
     slide: Path
 
 
-def dice_against_mask(store: str | Path, mask_path: str | Path, foreground: int = 1) -> float:
-    """Dice of class ``foreground`` against a 0/1 ground-truth mask TIFF, chunk by chunk (bounded memory)."""
+def dice_against_mask(store: str | Path, mask_path: str | Path) -> float:
+    """Dice of the object (every class but background 0: a nucleus's interior and its boundary rim) against a 0/1
+    ground-truth mask TIFF, chunk by chunk (bounded memory)."""
     labels = open_labels(store)
     truth = da.from_zarr(zarr.open_array(tifffile.imread(mask_path, aszarr=True), mode="r"))
-    predicted = da.from_zarr(labels).rechunk(truth.chunksize) == foreground
+    predicted = da.from_zarr(labels).rechunk(truth.chunksize) > 0
     truth = truth > 0
     if predicted.shape != truth.shape:
         raise ValueError(f"{store}: shape {predicted.shape} differs from the mask {mask_path} {truth.shape}")

@@ -5,6 +5,6 @@ Owns: the per-slide plan and the in-process executor (:mod:`engine`), the fused 
 of slides behind ``jobs/segment_slides.py`` (:mod:`batch`) and its run report
 (:mod:`report`).
 
-May import: :mod:`pipeline.slides`, :mod:`pipeline.store`, :mod:`unet`, torch, Ray. Never analysis,
-training or the demo.
+May import: :mod:`pipeline.slides`, :mod:`pipeline.store`, :mod:`pipeline.analysis` (the instance labels a
+store's finalize writes), :mod:`unet`, torch, Ray. Never training or the demo.
 """

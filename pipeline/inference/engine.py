@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.analysis.instance_labels import finalize_instances
+from pipeline.analysis.instances import InstanceRule
 from pipeline.slides.geometry import Shard, TileGrid, default_shard_tiles, tile_grid_for_model
 from pipeline.inference.predict import TilePredictor
 from pipeline.inference.tile_batches import (
@@ -62,10 +64,10 @@ class SlidePlan:
         return self.slide.level0_downsample
 
     def finalize(self) -> None:
-        """Build the pyramid and the root image of the slide, and mark the store complete; only once every tile
-        is in (checked on disk)."""
+        """Build the pyramid, the root image of the slide and (when the model carries a rule) the instance labels,
+        and mark the store complete; only once every tile is in (checked on disk)."""
         if not self.complete:
-            self.store.finalize(self.slide)
+            self.store.finalize(self.slide, derived=finalize_instances)
 
     def result(
         self, tiles_run: int, seconds: float, error: str | None = None, model_seconds: float = 0.0
@@ -168,6 +170,7 @@ def provenance(slide: SlideSource, grid: TileGrid, model: torch.nn.Module, chunk
         "model_checksum": model_checksum(model),
         "class_names": class_names_of(model),
         "model_mpp": model.card.mpp,
+        "instances": instance_rule_of(model),  # labels/<name> is made from the mask at finalize when set
         "software": {
             "wsi-unet": software_version(),
             "python": platform.python_version(),
@@ -186,6 +189,13 @@ def software_version() -> str:
         return version("wsi-unet")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+def instance_rule_of(model: torch.nn.Module) -> dict | None:
+    """``{"rule": ...}``: the instance rule the model's card carries (``metadata["instances"]``), checked and
+    complete; None without one. The store's finalize adds the ``count``."""
+    rule = InstanceRule.from_card(model.card)
+    return None if rule is None else {"rule": rule.to_dict()}
 
 
 def class_names_of(model: torch.nn.Module) -> list[str]:

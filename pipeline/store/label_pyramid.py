@@ -51,17 +51,18 @@ def shard_boxes(array: zarr.Array) -> list[tuple[int, int, int, int]]:
     return [(y, x, min(y + sy, height), min(x + sx, width)) for y in range(0, height, sy) for x in range(0, width, sx)]
 
 
-def build_pyramid(path: str | Path, threads: int = 4, first: int = 1) -> list[int]:
-    """Fill levels ``first``..k of the label pyramid from the level below (``level[::2, ::2]``), shard by shard.
+def build_pyramid(path: str | Path, threads: int = 4, first: int = 1, labels: str = LABELS_PATH) -> list[int]:
+    """Fill levels ``first``..k of the label pyramid ``labels`` (a label image of the store) from the level below
+    (``level[::2, ::2]``: ids are sampled, never averaged), shard by shard.
 
     Returns the levels it wrote. Memory: a few source shards per thread (16 MiB each at the default
     4096-pixel shard), whatever the slide's size. Each shard's files are synced as it is written."""
-    group = zarr.open_group(f"{path}/{LABELS_PATH}", mode="r+")
+    group = zarr.open_group(f"{path}/{labels}", mode="r+")
     level = first
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
         while str(level) in group:
             source, target = group[str(level - 1)], group[str(level)]
-            folder, named = Path(path, LABELS_PATH, str(level)), set()
+            folder, named = Path(path, labels, str(level)), set()
 
             def build(box: tuple[int, int, int, int], source=source, target=target, folder=folder, named=named) -> None:
                 y0, x0, y1, x1 = box

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,11 @@ class OutputStore:
         """(shard rows, shard cols) bool: the shards written whole and marked done."""
         return read_done_shards(self.path)
 
-    def finalize(self, slide: Any = None) -> None:
+    def finalize(self, slide: Any = None, derived: Callable[[str], dict[str, Any]] | None = None) -> None:
         """Build the viewer pyramid (and, given the ``slide``, the root image of it), then mark the store complete:
-        last, and only if every shard is in."""
+        last, and only if every shard is in. ``derived(path)``: label images made from the finished mask (the
+        instances: :func:`pipeline.analysis.instance_labels.finalize_instances`), before ``complete``; it returns
+        provenance entries to record."""
         states = self.tile_states()
         missing = int((states == TILE_PENDING).sum())
         if missing:
@@ -152,10 +155,12 @@ class OutputStore:
         if slide is not None:  # before the provenance is read: zarr rewrites a group's attributes whole
             levels = len(zarr.open_group(f"{self.path}/{LABELS_PATH}", mode="r").attrs["ome"]["multiscales"][0]["datasets"])
             write_overview(self.path, slide, read_provenance(Path(self.path)).get("mpp"), levels)
+        recorded = derived(self.path) if derived is not None else {}
         root = self.root
         info = dict(root.attrs["wsi_unet"])
         info.update(tiles_segmented=int((states == TILE_DONE).sum()),
                     tiles_skipped=int((states == TILE_SKIPPED).sum()))  # fmt: skip
+        info.update(recorded)
         info["status"] = "complete"
         root.attrs["wsi_unet"] = info
         sync_files([Path(self.path, "zarr.json")], Path(self.path))  # zarr wrote it by temp file + rename

@@ -7,6 +7,9 @@
 * :func:`flip_rotate`: one of the 8 symmetries of the square (flips and 90 degree rotations).
 * :func:`stain_jitter`: H&E colour augmentation in HED space (colour deconvolution): each stain's
   concentration is scaled and shifted a little, then converted back to RGB; plus brightness/contrast.
+* :func:`draw_zoom` / :func:`zoom`: scanners and µm/px metadata differ; a patch is read over a larger or
+  smaller area and resized (image linear with anti-aliasing, labels nearest at the same pixel centres).
+* :func:`blur` and :func:`jpeg`: out-of-focus scans and the JPEG tiles most slide formats store.
 """
 
 from __future__ import annotations
@@ -102,3 +105,49 @@ def intensity_jitter(grey: np.ndarray, rng: np.random.Generator, brightness: flo
     b = rng.uniform(-brightness, brightness)
     mean = float(np.mean(grey))
     return np.clip((np.asarray(grey, np.float32) - mean) * c + mean + b, 0.0, 1.0).astype(np.float32)
+
+
+def draw_zoom(rng: np.random.Generator, scale_range: tuple[float, float] | None, probability: float = 0.5) -> float:
+    """1.0, or with ``probability`` a zoom drawn log-uniformly in ``scale_range`` (> 1 enlarges)."""
+    if not scale_range or rng.random() >= probability:
+        return 1.0
+    low, high = scale_range
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def zoom(pixels: np.ndarray, labels: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize a square (R, R, C) float image and its (R, R) labels to ``side``: the image linearly (with
+    anti-aliasing when shrinking), the labels by nearest neighbour at the same pixel centres."""
+    from skimage.transform import resize
+
+    read = pixels.shape[0]
+    if read == side:
+        return pixels, labels
+    image = resize(pixels, (side, side), order=1, anti_aliasing=read > side, preserve_range=True).astype(np.float32)
+    index = np.minimum(((np.arange(side) + 0.5) * read / side).astype(int), read - 1)
+    return image, labels[index][:, index]
+
+
+def blur(pixels: np.ndarray, rng: np.random.Generator, max_sigma: float, probability: float = 0.25) -> np.ndarray:
+    """Gaussian blur of sigma ~ U(0.3, ``max_sigma``) px per spatial axis, for ``probability`` of the patches."""
+    if max_sigma <= 0 or rng.random() >= probability:
+        return pixels
+    sigma = rng.uniform(min(0.3, max_sigma), max_sigma)
+    return ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0), mode="reflect")
+
+
+def jpeg(pixels: np.ndarray, rng: np.random.Generator, quality: tuple[int, int] | None, probability: float = 0.25) -> np.ndarray:
+    """Re-encode a float RGB image in [0, 1] as JPEG at a quality ~ U(``quality``), for ``probability`` of the patches."""
+    if not quality or pixels.shape[-1] != 3 or rng.random() >= probability:
+        return pixels
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=int(rng.integers(quality[0], quality[1] + 1))
+    )
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

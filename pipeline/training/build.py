@@ -15,12 +15,14 @@ from unet.model import UNet, UNetConfig
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import (
     ImagePatchSource,
+    NegativePatchSource,
     PatchDataset,
     PatchGeometry,
     SampleSpec,
     SlidePatchSource,
     channel_stats,
     class_counts,
+    read_negative_regions,
 )
 from pipeline.training.evaluate import ValItem
 from pipeline.training.files import detect_label_mode, folder_pairs, load_records, split_names
@@ -64,7 +66,9 @@ def build_data(cfg: TrainConfig) -> TrainingData:
     if label_mode == "auto":
         labels = [r.label for r in train_records + val_records] or [_label_sample(s) for s in slides]
         label_mode = detect_label_mode(labels)
-    num_classes = cfg.num_classes or _num_classes(label_mode, train_records, slides)
+    if cfg.boundary_width and label_mode != "instances":
+        raise ValueError(f"boundary_width needs instance labels (0 = background, k = object k), got {label_mode} labels")
+    num_classes = cfg.num_classes or (3 if cfg.boundary_width else _num_classes(label_mode, train_records, slides))
     channels = {r.image.shape[2] for r in train_records + val_records} | {s.image.shape[2] for s in slides + val_slides}
     if len(channels) != 1:
         raise ValueError(f"images have different channel counts {sorted(channels)}; use one kind of image per run")
@@ -73,13 +77,14 @@ def build_data(cfg: TrainConfig) -> TrainingData:
     weights = None
     if cfg.class_balance:
         labels = [r.label for r in train_records] + [s.label for s in slides]
-        weights = tuple(float(w) for w in class_balance_weights(class_counts(labels, label_mode, num_classes)))
+        weights = tuple(float(w) for w in class_balance_weights(class_counts(labels, label_mode, num_classes,
+                                                                                   boundary_width=cfg.boundary_width)))
     if cfg.normalize_inputs:
         images = [r.image for r in train_records] + [s.image.thumbnail(1024) for s in slides]
         mean, std = channel_stats(images)
     else:
         mean, std = (0.5,), (0.5,)
-    sources = [ImagePatchSource(r) for r in train_records] + slides
+    sources = [ImagePatchSource(r) for r in train_records] + slides + negative_sources(cfg)
     val_items = [ValItem(r.name, r.image, r.label, (0, 0, *r.image.shape[:2])) for r in val_records]
     val_items += _slide_val_items(val_slides, cfg.val_tile, cfg.val_tiles_per_slide, cfg.seed)
     logger.info(
@@ -108,9 +113,20 @@ def build_dataset(cfg: TrainConfig, data: TrainingData, model: UNet) -> PatchDat
         label_mode=data.label_mode, num_classes=data.num_classes, class_weights=data.class_weights,
         border=cfg.weight_map, w0=cfg.w0, sigma=cfg.sigma, flips=cfg.flips, elastic=cfg.elastic,
         elastic_grid=cfg.elastic_grid, elastic_sigma=cfg.elastic_sigma, stain_jitter=cfg.stain_jitter,
-        intensity_jitter=cfg.intensity_jitter,
+        intensity_jitter=cfg.intensity_jitter, boundary_width=cfg.boundary_width, scale_range=cfg.scale_range,
+        blur=cfg.blur, jpeg=cfg.jpeg,
     )  # fmt: skip
-    return PatchDataset(data.train_sources, geometry, spec, cfg.samples_per_epoch, cfg.seed)
+    return PatchDataset(data.train_sources, geometry, spec, cfg.samples_per_epoch, cfg.seed, cfg.negative_fraction)
+
+
+def negative_sources(cfg: TrainConfig, context: int = 160) -> list[NegativePatchSource]:
+    """The "train" regions of every hard-negatives file (``cfg.negatives``: [slide, regions.json] pairs), read
+    at the training µm/px with ``context`` px around each (the input halo, elastic margin and zoom)."""
+    return [
+        NegativePatchSource(slide, region, context, cfg.mpp)
+        for slide, regions in cfg.negatives
+        for region in read_negative_regions(regions, "train")
+    ]
 
 
 def _label_sample(source: SlidePatchSource) -> np.ndarray:

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 # metric name -> "min" or "max" (what counts as better)
-METRIC_MODES = {"val_dice": "max", "val_rand_error": "min", "val_pixel_error": "min", "val_loss": "min", "train_loss": "min"}
+# ("epoch": the last epoch is the best, so no held-out image chooses the model: cross-validation uses it)
+METRIC_MODES = {"epoch": "max", "val_dice": "max", "val_rand_error": "min", "val_pixel_error": "min", "val_loss": "min", "train_loss": "min"}
 
 
 @dataclass
@@ -18,10 +19,13 @@ class TrainConfig:
     val_split: float = 0.2  # seeded random fraction held out when val_files/val_data are not given
     slides: list[list[str]] = field(default_factory=list)  # [[slide, label mask], ...]
     val_slides: list[list[str]] = field(default_factory=list)
+    negatives: list[list[str]] = field(default_factory=list)  # [[slide, regions.json], ...]: marked object-free areas
+    negative_fraction: float = 0.15  # share of the patches drawn from the negatives' regions
     slide_level: int = 0
     val_tiles_per_slide: int = 8
     label_mode: str = "auto"  # auto | binary | classes | instances
-    num_classes: int | None = None  # default: from the labels (2 for binary/instances)
+    num_classes: int | None = None  # default: from the labels (2 for binary/instances, 3 with boundary_width)
+    boundary_width: int = 0  # instance labels: > 0 adds a class for each object's rim of this many px
     mpp: float | None = None  # µm/px to train at (images with a known µm/px are resampled to it)
     image_mpp: dict[str, float] = field(default_factory=dict)  # {filename glob: µm/px}
     samples_per_epoch: int | None = None  # default: tiles needed to cover the training images once
@@ -52,6 +56,9 @@ class TrainConfig:
     elastic_sigma: float = 10.0
     stain_jitter: bool = False  # H&E colour augmentation (RGB data)
     intensity_jitter: bool = True
+    scale_range: tuple[float, float] | None = None  # zoom drawn log-uniformly in [low, high] for half the patches
+    blur: float = 0.0  # max Gaussian sigma in px, applied to a quarter of the patches (0: off)
+    jpeg: tuple[int, int] | None = None  # JPEG quality range, re-encoding a quarter of the patches (None: off)
     # ---- execution
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     loader_workers: int = 2
@@ -76,6 +83,13 @@ class TrainConfig:
             raise ValueError(f"best_metric must be one of {sorted(METRIC_MODES)}, got {self.best_metric!r}")
         if not self.data and not self.slides:
             raise ValueError("no training data: give at least one data folder or slide")
+        if not 0 <= self.negative_fraction < 1:
+            raise ValueError(f"negative_fraction must lie in [0, 1), got {self.negative_fraction}")
+        if self.boundary_width < 0:
+            raise ValueError(f"boundary_width must be >= 0, got {self.boundary_width}")
+        self.scale_range = tuple(self.scale_range) if self.scale_range else None
+        self.jpeg = tuple(self.jpeg) if self.jpeg else None
+        self.negatives = [list(pair) for pair in self.negatives]
         self.slides = [list(pair) for pair in self.slides]
         self.val_slides = [list(pair) for pair in self.val_slides]
 

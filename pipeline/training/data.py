@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.slides.sources import read_window
+from pipeline.slides.sources import read_region, read_window
 from pipeline.training import augment
 from pipeline.training.files import ImageRecord, read_label, to_classes, to_instances
 from pipeline.training.weights import weight_map
@@ -61,6 +61,10 @@ class SampleSpec:
     elastic_sigma: float = 10.0
     stain_jitter: bool = False
     intensity_jitter: bool = True
+    boundary_width: int = 0
+    scale_range: tuple[float, float] | None = None
+    blur: float = 0.0
+    jpeg: tuple[int, int] | None = None
 
     def margin(self, halo: int) -> int:
         """Extra context read around the input window: for the border weights of pixels near the
@@ -84,14 +88,15 @@ def cut_sample(
     size_in, size_out, halo = geometry.input_size, geometry.output_size, geometry.halo
     m = spec.margin(halo)
     window = size_in + 2 * m
-    oy, ox = y - halo - m, x - halo - m
-    pixels = read_window(image, oy, ox, window)
+    read = max(1, round(window / augment.draw_zoom(rng, spec.scale_range)))  # the same centre, a larger or smaller area
+    oy, ox = y - halo - m + (window - read) // 2, x - halo - m + (window - read) // 2
+    pixels = read_window(image, oy, ox, read)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
-    raw = read_window(label, oy, ox, window)
+    raw = read_window(label, oy, ox, read)
     if spec.flips:
         pixels, raw = augment.flip_rotate([pixels, raw], int(rng.integers(8)))
-    pixels = pixels.astype(np.float32) / 255.0
+    pixels, raw = augment.zoom(pixels.astype(np.float32) / 255.0, raw, window)
     if spec.elastic:
         field = augment.elastic_field((window, window), rng, spec.elastic_grid, spec.elastic_sigma)
         raw = augment.warp(raw, field, order=0)
@@ -99,7 +104,7 @@ def cut_sample(
         pixels = np.clip(pixels, 0.0, 1.0)
     else:
         pixels = pixels[m : m + size_in, m : m + size_in]
-    classes = to_classes(raw, spec.label_mode, spec.num_classes)
+    classes = to_classes(raw, spec.label_mode, spec.num_classes, spec.boundary_width)
     # border weights need every object within 6 sigma of the output: compute them on that region only
     start = m + halo
     reach = min(start, math.ceil(6 * spec.sigma)) if spec.border else 0
@@ -113,6 +118,7 @@ def cut_sample(
         pixels = augment.stain_jitter(pixels, rng)
     elif spec.intensity_jitter:
         pixels = augment.intensity_jitter(pixels, rng)
+    pixels = augment.jpeg(np.clip(augment.blur(pixels, rng, spec.blur), 0.0, 1.0), rng, spec.jpeg)
     return (
         np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32),
         np.ascontiguousarray(target, dtype=np.int64),
@@ -204,8 +210,56 @@ class SlidePatchSource:
         return int(cy) - output_size // 2, int(cx) - output_size // 2
 
 
+class NegativePatchSource:
+    """A region of a real slide marked by hand as holding no object (keratin, stroma edges, marking ink,
+    background): every output pixel is background. Hard negatives: what a model trained on object-rich tiles
+    alone calls "nucleus". The region is read with ``context`` px of its real surroundings, so input windows
+    see what they would see at inference; output windows stay inside the region."""
+
+    negative = True
+
+    def __init__(self, slide: str | Path, region: dict, context: int, mpp: float | None = None):
+        from pipeline.slides.pyramid import open_slide
+        from pipeline.slides.sources import ResampledSource
+
+        source = open_slide(slide, 0)
+        factor = 1.0
+        if mpp is not None and source.mpp and abs(mpp / source.mpp - 1) > 0.05:
+            factor = mpp / source.mpp
+            source = ResampledSource(source, factor)
+        y0, x0, y1, x1 = (round(v / factor) for v in region["box"])
+        self.name = f"{source.name}#{region['name']}"
+        self.inner = (y1 - y0, x1 - x0)
+        self.context = context
+        self.image = read_region(source, y0 - context, x0 - context, y1 - y0 + 2 * context, x1 - x0 + 2 * context)
+        self.label = np.zeros(self.image.shape[:2], dtype=np.uint16)
+        self.shape = self.image.shape[:2]
+
+    @property
+    def area(self) -> int:
+        return int(self.inner[0] * self.inner[1])
+
+    def tiles(self, output_size: int) -> int:
+        return math.ceil(self.inner[0] / output_size) * math.ceil(self.inner[1] / output_size)
+
+    def sample_origin(self, rng: np.random.Generator, output_size: int) -> tuple[int, int]:
+        return tuple(self.context + int(rng.integers(0, max(0, side - output_size) + 1)) for side in self.inner)  # type: ignore[return-value]
+
+
+def read_negative_regions(path: str | Path, split: str = "train") -> list[dict]:
+    """The regions of a hard-negatives file whose ``split`` is ``split`` ("train" or "eval").
+
+    Format: ``{"slide": file name, "mpp": µm/px, "regions": [{"name", "kind", "box": [y0, x0, y1, x1]
+    (level-0 px), "split"}, ...]}``."""
+    import json
+
+    regions = json.loads(Path(path).read_text())["regions"]
+    return [r for r in regions if r.get("split", "train") == split]
+
+
 class PatchDataset(Dataset):
-    """``samples_per_epoch`` random patches per epoch; sources are picked in proportion to their area."""
+    """``samples_per_epoch`` random patches per epoch; sources are picked in proportion to their area, except
+    hard negatives (sources with ``negative = True``), which together get ``negative_fraction`` of the draws."""
 
     def __init__(
         self,
@@ -214,13 +268,20 @@ class PatchDataset(Dataset):
         spec: SampleSpec,
         samples_per_epoch: int | None = None,
         seed: int = 0,
+        negative_fraction: float = 0.0,
     ):
         if not sources:
             raise ValueError("PatchDataset needs at least one source")
         self.sources, self.geometry, self.spec, self.seed = sources, geometry, spec, seed
-        self.samples = samples_per_epoch or sum(s.tiles(geometry.output_size) for s in sources)
+        negative = np.array([getattr(s, "negative", False) for s in sources])
+        fraction = negative_fraction if negative.any() and not negative.all() else float(negative.all())
+        tiles = np.array([s.tiles(geometry.output_size) for s in sources])
+        covering = tiles[~negative].sum() / (1 - fraction) if fraction < 1 else tiles.sum()  # the positives once
+        self.samples = samples_per_epoch or max(1, round(covering))
         areas = np.array([s.area for s in sources], dtype=np.float64)
-        self.probabilities = areas / areas.sum()
+        group_area = np.where(negative, areas[negative].sum(), areas[~negative].sum())
+        self.probabilities = areas / group_area * np.where(negative, fraction, 1 - fraction)
+        self.probabilities /= self.probabilities.sum()
 
     def __len__(self) -> int:
         return self.samples
@@ -258,12 +319,14 @@ class EpochSampler(Sampler[int]):
         return iter((self.epoch * self.n + order[self.rank :: self.world]).tolist())
 
 
-def class_counts(labels: list[Any], label_mode: str, num_classes: int, max_pixels: int = 1 << 22) -> np.ndarray:
+def class_counts(labels: list[Any], label_mode: str, num_classes: int, max_pixels: int = 1 << 22,
+                 boundary_width: int = 0) -> np.ndarray:  # fmt: skip
     """Pixels per class over label images (large array-likes are subsampled on a regular grid)."""
     counts = np.zeros(num_classes, dtype=np.int64)
     for label in labels:
         step = max(1, int(math.sqrt(label.shape[0] * label.shape[1] / max_pixels)))
-        classes = to_classes(np.asarray(label[::step, ::step]), label_mode, num_classes)
+        width = boundary_width if step == 1 else 0  # a subsampled image has no rim to measure
+        classes = to_classes(np.asarray(label[::step, ::step]), label_mode, num_classes, width)
         counts += np.bincount(classes.ravel(), minlength=num_classes)[:num_classes]
     return counts
 

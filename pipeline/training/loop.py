@@ -100,6 +100,16 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def instance_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """{"instances": rule} for models with a boundary class: how the job turns their class map into objects
+    (seeds = interior components, grown over the rim; see pipeline.analysis.instances)."""
+    if not cfg.boundary_width:
+        return {}
+    from pipeline.analysis.instances import InstanceRule
+
+    return {"instances": InstanceRule(seed_class=1, grow_classes=(2,), grow_steps=cfg.boundary_width + 1).to_dict()}
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
@@ -163,7 +173,10 @@ def train_fn(config: dict[str, Any]) -> None:
         "train_images": data.train_names,
         "val_images": data.val_names,
         "recipe": {k: config[k] for k in ("optimizer", "lr", "momentum", "batch_size", "output_size", "weight_map",
-                                          "class_balance", "w0", "sigma", "elastic", "stain_jitter", "flips", "amp")},
+                                          "class_balance", "w0", "sigma", "elastic", "stain_jitter", "flips", "amp",
+                                          "boundary_width", "scale_range", "blur", "jpeg", "negative_fraction")},
+        "negatives": [str(Path(regions).name) for _, regions in cfg.negatives],
+        **instance_metadata(cfg),
     }  # fmt: skip
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -193,7 +206,8 @@ def train_fn(config: dict[str, Any]) -> None:
             progress.step(steps, loss_sum / steps, samples)
         train_seconds = time.perf_counter() - started
 
-        totals = evaluate(net, my_val, data.label_mode, cfg.val_tile, device, amp_dtype, channels_last)
+        totals = evaluate(net, my_val, data.label_mode, cfg.val_tile, device, amp_dtype, channels_last,
+                          cfg.boundary_width)
         summed = _all_reduce(np.concatenate([totals.as_vector(), [loss_sum, steps, samples]]), device)
         val = MetricTotals.from_vector(summed[:-3]).summary() if summed[6] > 0 else {}
         metrics: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""Segmentation metrics: pixel error, foreground Dice/F1, and the ISBI 2012 Rand error.
+"""Segmentation metrics: pixel error, foreground Dice/F1, the ISBI 2012 Rand error, and instance metrics
+(object F1 at IoU > 0.5, aggregated Jaccard index) for nuclei.
 
 Counts (not ratios) are accumulated so that metrics over several images, or over several Ray Train
 workers, are exact sums (:class:`MetricTotals`).
@@ -98,12 +99,22 @@ class MetricTotals:
 
     def as_vector(self) -> np.ndarray:
         return np.array(
-            [self.pixels, self.wrong, self.tp, self.fp, self.fn, self.rand_sum, self.images, self.loss_sum, self.loss_pixels],
+            [
+                self.pixels,
+                self.wrong,
+                self.tp,
+                self.fp,
+                self.fn,
+                self.rand_sum,
+                self.images,
+                self.loss_sum,
+                self.loss_pixels,
+            ],
             dtype=np.float64,
         )
 
     @classmethod
-    def from_vector(cls, vector: np.ndarray) -> "MetricTotals":
+    def from_vector(cls, vector: np.ndarray) -> MetricTotals:
         v = [float(x) for x in vector]
         return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), v[5], int(v[6]), v[7], int(v[8]))
 
@@ -129,3 +140,160 @@ def dice(true_classes: np.ndarray, pred_classes: np.ndarray) -> float:
 def pixel_error(true_classes: np.ndarray, pred_classes: np.ndarray) -> float:
     """Fraction of pixels whose class differs."""
     return float((np.asarray(true_classes) != np.asarray(pred_classes)).mean())
+
+
+# --------------------------------------------------------------------------- instance metrics (nuclei)
+@dataclass(frozen=True)
+class Overlaps:
+    """Sparse intersection table of two instance maps: object areas and every overlapping (true, pred) pair.
+
+    Objects are renumbered 0..n-1 in the order of their ids; ``true_index[k]``/``pred_index[k]`` overlap by
+    ``intersection[k]`` pixels. Only pairs that share a pixel are listed, which at nucleus densities is a
+    few per object, so no dense n_true x n_pred matrix is ever built."""
+
+    true_area: np.ndarray
+    pred_area: np.ndarray
+    true_index: np.ndarray
+    pred_index: np.ndarray
+    intersection: np.ndarray
+
+    @property
+    def union(self) -> np.ndarray:
+        return self.true_area[self.true_index] + self.pred_area[self.pred_index] - self.intersection
+
+    @property
+    def iou(self) -> np.ndarray:
+        return self.intersection / np.maximum(self.union, 1)
+
+
+def _compact(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Object ids renumbered 1..n in id order (0 stays background) and n."""
+    values, inverse = np.unique(ids, return_inverse=True)
+    if values.size and values[0] != 0:
+        inverse = inverse + 1
+    count = int(values.size - (values.size > 0 and values[0] == 0))
+    return inverse.reshape(-1).astype(np.int64), count
+
+
+def instance_overlaps(true_ids: np.ndarray, pred_ids: np.ndarray) -> Overlaps:
+    """The :class:`Overlaps` of two (H, W) instance maps (non-negative ids, 0 = no object)."""
+    true_ids, pred_ids = np.asarray(true_ids), np.asarray(pred_ids)
+    if true_ids.shape != pred_ids.shape:
+        raise ValueError(f"shapes differ: {true_ids.shape} vs {pred_ids.shape}")
+    if (true_ids.size and true_ids.min() < 0) or (pred_ids.size and pred_ids.min() < 0):
+        raise ValueError("instance ids must be non-negative")
+    t, n_true = _compact(true_ids.ravel())
+    p, n_pred = _compact(pred_ids.ravel())
+    both = (t > 0) & (p > 0)
+    codes, counts = np.unique(t[both] * (n_pred + 1) + p[both], return_counts=True)
+    return Overlaps(
+        true_area=np.bincount(t, minlength=n_true + 1)[1:].astype(np.int64),
+        pred_area=np.bincount(p, minlength=n_pred + 1)[1:].astype(np.int64),
+        true_index=codes // (n_pred + 1) - 1,
+        pred_index=codes % (n_pred + 1) - 1,
+        intersection=counts.astype(np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class ObjectScores:
+    """Object detection at IoU > 0.5: a predicted object matches a true one when their IoU exceeds 0.5 (such
+    matches are one-to-one, since two objects cannot both cover more than half of a third's union)."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
+
+    @property
+    def f1(self) -> float:
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else 1.0
+
+
+def object_scores(true_ids: np.ndarray, pred_ids: np.ndarray, overlaps: Overlaps | None = None) -> ObjectScores:
+    """TP/FP/FN of predicted objects against true objects, matched one-to-one at IoU > 0.5."""
+    o = overlaps or instance_overlaps(true_ids, pred_ids)
+    tp = int((o.iou > 0.5).sum())
+    return ObjectScores(tp=tp, fp=o.pred_area.size - tp, fn=o.true_area.size - tp)
+
+
+def aji_counts(true_ids: np.ndarray, pred_ids: np.ndarray, overlaps: Overlaps | None = None) -> tuple[int, int]:
+    """(intersection, union) sums of the aggregated Jaccard index (Kumar et al. 2017, IEEE TMI 36(7)).
+
+    Each true object is paired with the predicted object of highest IoU (ties: the lower id); their
+    intersection and union are summed (a true object overlapping nothing adds its area to the union), and
+    every predicted object paired with no true object adds its area to the union. A predicted object may
+    be paired with several true ones (a merge), which the index then penalises by counting it repeatedly."""
+    o = overlaps or instance_overlaps(true_ids, pred_ids)
+    order = np.lexsort((o.pred_index, -o.iou, o.true_index))  # per true object: best IoU first
+    first = np.ones(order.size, bool)
+    first[1:] = o.true_index[order][1:] != o.true_index[order][:-1]
+    best = order[first]
+    used = np.zeros(o.pred_area.size, bool)
+    used[o.pred_index[best]] = True
+    unpaired_true = np.ones(o.true_area.size, bool)
+    unpaired_true[o.true_index[best]] = False
+    intersection = int(o.intersection[best].sum())
+    union = int(o.union[best].sum() + o.true_area[unpaired_true].sum() + o.pred_area[~used].sum())
+    return intersection, union
+
+
+def aggregated_jaccard(true_ids: np.ndarray, pred_ids: np.ndarray) -> float:
+    """Aggregated Jaccard index (AJI) in [0, 1]; 1 when both maps are empty."""
+    intersection, union = aji_counts(true_ids, pred_ids)
+    return intersection / union if union else 1.0
+
+
+@dataclass(frozen=True)
+class InstanceScores:
+    """Everything one image contributes: pixel Dice counts, object matches at IoU > 0.5 and AJI sums, kept
+    as counts so that images pool exactly (:meth:`pooled`)."""
+
+    dice_tp: int
+    dice_fp: int
+    dice_fn: int
+    objects: ObjectScores
+    aji_intersection: int
+    aji_union: int
+
+    @property
+    def dice(self) -> float:
+        total = 2 * self.dice_tp + self.dice_fp + self.dice_fn
+        return 2 * self.dice_tp / total if total else 1.0
+
+    @property
+    def aji(self) -> float:
+        return self.aji_intersection / self.aji_union if self.aji_union else 1.0
+
+    def to_dict(self) -> dict:
+        o = self.objects
+        return {"dice": self.dice, "f1": o.f1, "precision": o.precision, "recall": o.recall, "aji": self.aji,
+                "tp": o.tp, "fp": o.fp, "fn": o.fn, "dice_counts": [self.dice_tp, self.dice_fp, self.dice_fn],
+                "aji_counts": [self.aji_intersection, self.aji_union]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InstanceScores:
+        return cls(*d["dice_counts"], ObjectScores(d["tp"], d["fp"], d["fn"]), *d["aji_counts"])
+
+    @classmethod
+    def pooled(cls, scores: list[InstanceScores]) -> InstanceScores:
+        """The scores of all images taken as one: summed pixel counts, object matches and AJI sums."""
+        s = lambda f: int(sum(f(x) for x in scores))
+        objects = ObjectScores(s(lambda x: x.objects.tp), s(lambda x: x.objects.fp), s(lambda x: x.objects.fn))
+        return cls(s(lambda x: x.dice_tp), s(lambda x: x.dice_fp), s(lambda x: x.dice_fn), objects,
+                   s(lambda x: x.aji_intersection), s(lambda x: x.aji_union))  # fmt: skip
+
+
+def instance_scores(true_ids: np.ndarray, pred_ids: np.ndarray) -> InstanceScores:
+    """Dice of the foregrounds (id > 0), object F1 at IoU > 0.5 and AJI of two instance maps."""
+    t, p = np.asarray(true_ids) > 0, np.asarray(pred_ids) > 0
+    overlaps = instance_overlaps(true_ids, pred_ids)
+    return InstanceScores(int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum()),
+                          object_scores(true_ids, pred_ids, overlaps), *aji_counts(true_ids, pred_ids, overlaps))  # fmt: skip
