@@ -29,7 +29,9 @@ from collections.abc import Callable
 
 from train_unet import NUCLEI_MPP, PRESETS, SHARED_DATA
 
-DEFAULT_HARD_NEGATIVES = REPO_ROOT / "models" / "hard-negatives.json"
+from jobs import bundled_file  # noqa: E402
+
+DEFAULT_HARD_NEGATIVES = bundled_file("hard-negatives.json")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,10 @@ import logging  # noqa: E402
 import os  # noqa: E402
 from typing import Any  # noqa: E402
 
-DEFAULT_MODEL = REPO_ROOT / "models" / "nuclei-unet.pt"
+from jobs import bundled_file, in_checkout  # noqa: E402
+
+DEFAULT_MODEL = bundled_file("nuclei-unet.pt")
+DEMO_DIR = REPO_ROOT / "demo" if in_checkout() else Path("demo")
 logger = logging.getLogger("segment_slides")
 
 
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (created if missing); required with slides (no slides: the demo, default demo/)")
     add("--model", metavar="ARTIFACT", default=None,
         help="model artifact written by unet.save_model "
-        f"(default: {DEFAULT_MODEL.relative_to(REPO_ROOT)} if present)")
+        "(default: the bundled models/nuclei-unet.pt)")
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument("--level", type=int, default=None, metavar="N",
                             help="pyramid level to segment (default: the model's training µm/px if known, else 0)")
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.slides:  # the README's main command: the demo slide, end to end, with its Dice
             from pipeline.demo.run import run_demo
 
-            demo = run_demo(args.out or REPO_ROOT / "demo", model, options, num_cpus=args.num_cpus)
+            demo = run_demo(args.out or DEMO_DIR, model, options, num_cpus=args.num_cpus)
             run = demo.batch
         else:
             if not args.out:

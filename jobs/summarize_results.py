@@ -146,5 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (``wsi-summarize``) and ``python jobs/summarize_results.py``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

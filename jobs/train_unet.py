@@ -25,6 +25,8 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+from jobs import bundled_file, in_checkout  # noqa: E402
+
 SHARED_DATA = Path(os.environ.get("WSI_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
 NUCLEI_MPP = {"image0[1-7].*": 0.5, "image*": 0.25}  # 20x ~0.5 µm/px (image01-07), 40x ~0.25 µm/px (image08-15)
 
@@ -41,7 +43,7 @@ PRESETS: dict[str, dict] = {
     # out (quality comes from jobs/cross_validate.py), so the last epoch is the model.
     "nuclei": dict(
         data=[str(SHARED_DATA / "nuclei")], val_split=0.0, mpp=0.5, image_mpp=NUCLEI_MPP,
-        negatives=[[str(SHARED_DATA / "slides" / "cmu-1-small-region.svs"), str(REPO_ROOT / "models" / "hard-negatives.json")]],
+        negatives=[[str(SHARED_DATA / "slides" / "cmu-1-small-region.svs"), str(bundled_file("hard-negatives.json"))]],
         base_channels=16, depth=3, optimizer="adam", lr=1e-3, lr_schedule="cosine", batch_size=4, output_size=132,
         weight_map=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.75, 2.0), blur=1.5,
         jpeg=(40, 90), epochs=40, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
@@ -161,12 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 on GPU, off on CPU; fp16 uses a GradScaler")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seed of the split, the patches and the initial weights")
     g.add_argument("--val-tile", type=int, default=default["val_tile"], help="output tile side when segmenting validation images")
+    g.add_argument("--validate-every", type=int, default=default["validate_every"],
+                   help="validate every N epochs and after the last (0: never); --best-metric epoch needs none")  # fmt: skip
     g.add_argument("--best-metric", choices=sorted(METRIC_MODES), default=default["best_metric"], help="what selects best-model.pt")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick trials)")
 
     g = p.add_argument_group("run and outputs")
     g.add_argument("--name", default=None, help="run name; the same name and storage path resume the run (default: unet)")
-    g.add_argument("--storage-path", default=str(REPO_ROOT / "runs"), help="folder holding the runs (shared storage for multi-node)")
+    g.add_argument("--storage-path", default=str(REPO_ROOT / "runs" if in_checkout() else Path("runs")), help="folder holding the runs (shared storage for multi-node)")
     g.add_argument("--max-failures", type=int, default=0, help="restarts from the latest checkpoint after worker failures (-1: unlimited)")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per run (the latest ones)")
     g.add_argument("--export", metavar="PATH", default=None, help="also copy the best model artifact here at the end")
@@ -229,7 +233,7 @@ def config_from_args(args: argparse.Namespace):
         scale_range=tuple(args.scale_range) if args.scale_range else None, blur=args.blur,
         jpeg=tuple(args.jpeg) if args.jpeg else None,
         amp=args.amp, loader_workers=args.loader_workers, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
-        val_tile=args.val_tile, best_metric=args.best_metric, class_names=args.class_names,
+        val_tile=args.val_tile, validate_every=args.validate_every, best_metric=args.best_metric, class_names=args.class_names,
         max_steps_per_epoch=args.max_steps_per_epoch,
     )  # fmt: skip
 
@@ -259,5 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point (``wsi-train``) and ``python jobs/train_unet.py``: exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -80,3 +80,18 @@ def test_the_instance_labels_validate_and_readers_find_them(nuclei_store):
              if any(isinstance(spec, Label) for spec in node.specs)}  # fmt: skip
     assert set(found) == {"segmentation", "nuclei"}
     assert found["nuclei"].data[0].dtype == np.uint32 and found["nuclei"].data[0].shape == root["labels/nuclei/0"].shape
+
+
+@pytest.mark.parametrize("which", ["store", "nuclei_store"])
+def test_every_image_and_label_meets_the_strict_ngff_05_requirements(which, request):
+    """NGFF 0.5's strict schemas (strict_image, strict_label) add to the plain ones: every multiscales entry names
+    its ``name``, ``type`` and ``metadata``, and every label image lists ``colors``."""
+    root = zarr.open_group(str(request.getfixturevalue(which)), mode="r")
+    groups = [root] + [root[f"labels/{name}"] for name in root["labels"].attrs["ome"]["labels"]]
+    assert len(groups) == (2 if which == "store" else 3)
+    for group in groups:
+        for multiscale in group.attrs["ome"]["multiscales"]:
+            assert {"name", "type", "metadata"} <= set(multiscale), (group.path, sorted(multiscale))
+    for group in groups[1:]:
+        colors = group.attrs["ome"]["image-label"]["colors"]
+        assert colors and all({"label-value", "rgba"} <= set(c) for c in colors), group.path

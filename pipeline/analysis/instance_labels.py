@@ -55,8 +55,10 @@ def write_instance_labels(store: str | Path, rule: InstanceRule, options: Compon
     build_pyramid(path, first=1, labels=f"labels/{rule.name}")
     group.attrs["ome"] = {
         "version": "0.5",
-        "multiscales": [{**multiscales, "name": rule.name}],
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
+        "multiscales": [{**multiscales, "name": rule.name, "type": "nearest",
+                         "metadata": {"description": "instance ids; each level takes every other pixel of the one above"}}],
+        "image-label": {"version": "0.5", "source": {"image": "../../"},
+                        "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}]},  # ids: viewers pick their colours
     }
     sync_tree(path / "labels" / rule.name)
     ome = dict(labels.attrs["ome"])

@@ -84,7 +84,7 @@ def actor_threads(options: RayOptions) -> int:
     """Torch threads per model actor. CPU actors by default take every core of their node, shared by the
     node's actors (spread evenly): the CPU's reads and writes are cheap next to the forward, and on this
     project's 2-core machine 2 threads ran the bf16 job 1.4x faster end to end than 1 thread with a core
-    left to the reads (README, Performance (a)). Ray still reserves ``cpus_per_actor`` for the actor,
+    left to the reads (docs/performance.md (a)). Ray still reserves ``cpus_per_actor`` for the actor,
     so plans, reads and finalizes keep CPUs to be scheduled on."""
     import ray
 

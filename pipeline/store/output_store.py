@@ -296,7 +296,8 @@ def _build_store(
             "0", shape=(num_classes, *grid.shape), chunks=(num_classes, chunk, chunk),
             shards=(num_classes, side, side), dtype="uint8", fill_value=0, dimension_names=["c", "y", "x"],
         )  # fmt: skip
-        group.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales("probabilities", ["c", "y", "x"], 1, mpp)]}
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [_multiscales("probabilities", ["c", "y", "x"], 1, mpp,
+                                                                                      "softmax x 255 per class, one level")]}
     if tissue_mask is not None:
         group = root.create_group("tissue")
         group.create_array("mask", data=tissue_mask.astype(np.uint8), chunks=tissue_mask.shape, dimension_names=["y", "x"])
@@ -344,7 +345,9 @@ def remove_partial_files(path: Path) -> int:
     return removed
 
 
-def _multiscales(name: str, axes: list[str], levels: int, mpp: float | None) -> dict[str, Any]:
+def _multiscales(name: str, axes: list[str], levels: int, mpp: float | None,
+                 description: str = "class map; each level takes every other pixel of the one above") -> dict[str, Any]:
+    """NGFF 0.5 multiscales, with the ``type`` and ``metadata`` the strict schemas ask for."""
     unit = {"unit": "micrometer"} if mpp else {}
     axis_meta = [{"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", **unit} for a in axes]
     base = mpp or 1.0
@@ -352,7 +355,8 @@ def _multiscales(name: str, axes: list[str], levels: int, mpp: float | None) -> 
     for level in range(levels):
         scale = [1.0 if a == "c" else base * 2**level for a in axes]
         datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    return {"name": name, "axes": axis_meta, "datasets": datasets}
+    return {"name": name, "axes": axis_meta, "datasets": datasets, "type": "nearest",
+            "metadata": {"description": description}}
 
 
 def read_provenance(path: Path) -> dict[str, Any] | None:

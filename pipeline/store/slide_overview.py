@@ -73,5 +73,8 @@ def write_overview(store: str | Path, slide: Any, mpp: float | None, count: int,
             "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
                      {"name": "x", "type": "space", **unit}],
             "datasets": [{"path": str(k), "coordinateTransformations": t} for k, t in enumerate(transforms)],
+            "type": "mean",
+            "metadata": {"description": "the slide's thumbnail (area filter), then 2 x 2 means; the slide file holds the "
+                                        "full resolution"},
         }],
     }  # fmt: skip

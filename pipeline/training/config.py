@@ -65,6 +65,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     seed: int = 0
     val_tile: int = 256
+    validate_every: int = 1  # validate every N epochs and at the last (0: never)
     best_metric: str = "val_dice"
     # ---- outputs
     run_dir: str | None = None  # storage_path/name: best-model.pt and metrics.jsonl go here

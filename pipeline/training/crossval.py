@@ -172,8 +172,8 @@ def summarize(results: list[ImageResult]) -> dict:
 # --------------------------------------------------------------------------- training the folds
 def fold_train_args(fold: Fold, storage_path: str | Path, extra: list[str]) -> list[str]:
     """``jobs/train_unet.py`` arguments of one fold; ``extra`` (the user's, e.g. --epochs) come last and win."""
-    return ["--preset", "nuclei", "--val-files", *fold.held_out, "--best-metric", "epoch", "--name", fold.name,
-            "--storage-path", str(storage_path), *extra]  # fmt: skip
+    return ["--preset", "nuclei", "--val-files", *fold.held_out, "--best-metric", "epoch", "--validate-every", "10",
+            "--name", fold.name, "--storage-path", str(storage_path), *extra]  # fmt: skip
 
 
 def fold_is_trained(run_dir: Path, epochs: int | None) -> bool:

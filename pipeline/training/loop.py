@@ -206,8 +206,11 @@ def train_fn(config: dict[str, Any]) -> None:
             progress.step(steps, loss_sum / steps, samples)
         train_seconds = time.perf_counter() - started
 
-        totals = evaluate(net, my_val, data.label_mode, cfg.val_tile, device, amp_dtype, channels_last,
-                          cfg.boundary_width)
+        validate = cfg.validate_every > 0 and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs)
+        totals = MetricTotals()
+        if validate:
+            totals = evaluate(net, my_val, data.label_mode, cfg.val_tile, device, amp_dtype, channels_last,
+                              cfg.boundary_width)
         summed = _all_reduce(np.concatenate([totals.as_vector(), [loss_sum, steps, samples]]), device)
         val = MetricTotals.from_vector(summed[:-3]).summary() if summed[6] > 0 else {}
         metrics: dict[str, Any] = {

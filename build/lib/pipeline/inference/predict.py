@@ -1,0 +1,161 @@
+"""The one tile function every executor uses: uint8 input windows in, cropped uint8 labels out.
+
+The whole step runs on the device: uint8 -> float, normalise (inside the model), channels_last, autocast,
+forward, softmax/argmax, valid-centre crop, cast to uint8; only the small label tile goes back.
+
+Precision (``amp``) means the same on CPU and GPU: ``"auto"`` is bf16 where the device computes it natively
+(CUDA; CPUs with AVX-512 BF16 or AMX, detected at run time) and float32 elsewhere; ``"off"`` is float32, the
+exact mode (tiled equals the whole-image pass within float rounding); bf16 flips the argmax of near-ties only
+(README "Performance", CPU modes). channels_last is the default layout everywhere: in float32 it gives the
+same logits as NCHW on the CPU, and it is what oneDNN's and cuDNN's fast kernels want.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.slides.geometry import TileGrid
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX): there oneDNN's bf16 convolutions run
+    ~3x float32; elsewhere bf16 is emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """``"auto"``: bf16 where ``device`` has it natively (CUDA, or a CPU with AVX-512 BF16/AMX), else float32;
+    ``"bf16"``/``"fp16"``: that, whatever the device; ``None``/``"off"``: float32."""
+    if amp in (None, "off", "fp32"):
+        return None
+    if amp == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else None
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of auto, bf16, fp16, off; got {amp!r}")
+    return AMP_DTYPES[amp]
+
+
+@dataclass
+class TilePredictor:
+    """Holds the model on its device and turns a batch of input windows into label tiles.
+
+    Build it once per process / actor (the model is moved and optionally compiled here), then call it
+    per batch. ``batch_size`` matters only with ``compile``: batches are padded to it for static shapes.
+    ``compile``: True (CUDA graphs via mode "reduce-overhead" on CUDA, the default mode on CPU) or a
+    torch.compile mode name. ``channels_last``: the input and weight layout (default True: the fast one for
+    oneDNN and cuDNN; False: NCHW).
+    ``busy_seconds`` adds up the time spent in calls: what the rest of a pipeline leaves the model.
+    """
+
+    model: torch.nn.Module
+    tile_size: int
+    crop: int
+    device: str | torch.device = "auto"
+    amp: str | None = None
+    probabilities: bool = False
+    compile: bool | str = False
+    batch_size: int | None = None
+    channels_last: bool = True
+    _forward: object = field(init=False, repr=False)
+    busy_seconds: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
+        self.amp_dtype = resolve_amp(self.amp, self.device)
+        self.model = self.model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            if self.amp_dtype is None:  # float32 means float32: TF32 would keep 10 bits of each input's mantissa
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
+        self._forward = self._step
+        if self.compile:
+            if self.batch_size is None:
+                raise ValueError("compile=True needs a fixed batch_size (batches are padded to it)")
+            mode = self.compile if isinstance(self.compile, str) else None
+            if self.compile is True and self.device.type == "cuda":
+                mode = "reduce-overhead"
+            self._forward = torch.compile(self._step, mode=mode, dynamic=False)
+
+    @classmethod
+    def for_grid(cls, model: torch.nn.Module, grid: TileGrid, **options) -> "TilePredictor":
+        return cls(model, tile_size=grid.tile_size, crop=grid.crop, **options)
+
+    def _step(self, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = windows.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        c, t = self.crop, self.tile_size
+        logits = logits[:, :, c : c + t, c : c + t].float()
+        labels = logits.argmax(dim=1).to(torch.uint8)
+        if not self.probabilities:
+            return labels, logits
+        probs = torch.softmax(logits, dim=1).mul_(255.0).round_().to(torch.uint8)
+        return labels, logits, probs
+
+    @torch.inference_mode()
+    def __call__(self, windows: np.ndarray, return_logits: bool = False) -> dict[str, np.ndarray]:
+        """windows: (N, I, I, C) uint8 -> {"labels": (N, T, T) uint8[, "probabilities": (N, K, T, T) uint8][, "logits"]}."""
+        started, count = time.perf_counter(), len(windows)
+        batch = torch.from_numpy(np.ascontiguousarray(windows))
+        if self.compile and count < self.batch_size:
+            pad = torch.zeros((self.batch_size - count, *batch.shape[1:]), dtype=batch.dtype)
+            batch = torch.cat([batch, pad])
+        batch = batch.to(self.device, non_blocking=True)
+        outputs = self._forward(batch)
+        result = {"labels": outputs[0][:count].cpu().numpy()}
+        if self.probabilities:
+            result["probabilities"] = outputs[2][:count].cpu().numpy()
+        if return_logits:
+            result["logits"] = outputs[1][:count].cpu().numpy()
+        self.busy_seconds += time.perf_counter() - started  # the copies to the host waited for the device
+        return result
+
+
+def whole_image_logits(model: torch.nn.Module, image: np.ndarray, amp: str | None = None) -> np.ndarray:
+    """Reference: one forward pass over the whole (H, W, C) uint8 image mirror-padded by the halo.
+
+    The image is padded with np.pad(mode="symmetric") by ``halo`` on the top/left and up to the next
+    valid input size on the bottom/right; the logits of the H x W slide are returned as (K, H, W) float32.
+    Use it on small images to check tiled output (it holds the whole image in memory). ``amp``: as
+    :class:`TilePredictor`'s (NCHW; the tiles' layout gives the same float32 logits).
+    """
+    image = image[..., None] if image.ndim == 2 else image
+    height, width = image.shape[:2]
+    halo = model.halo
+    sizes = []
+    for side in (height, width):
+        if model.is_valid_padding:
+            sizes.append(model.input_size_for(model.valid_output_size(side)))
+        else:
+            sizes.append(model.input_size_for(model.valid_output_size(side + 2 * halo)))
+    padded = np.pad(image, ((halo, sizes[0] - height - halo), (halo, sizes[1] - width - halo), (0, 0)), mode="symmetric")
+    crop = 0 if model.is_valid_padding else halo
+    model = model.eval()
+    device = next(model.parameters()).device
+    amp_dtype = resolve_amp(amp, device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        x = torch.from_numpy(padded).permute(2, 0, 1)[None].float().div_(255.0).to(device)
+        logits = model(x)[0, :, crop : crop + height, crop : crop + width]
+    return logits.float().cpu().numpy()
