@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(run.results))
     print(f"run report: {run.report or 'not written (see the error above)'}")
     if not args.slides and demo.dice is not None:
-        print(f"demo: Dice of the nucleus class against the ground truth = {demo.dice:.3f} "
+        print(f"demo: Dice of the nuclei (every class but background) against the ground truth = {demo.dice:.3f} "
               f"(slide {demo.slide}, model {model_path.name})")  # fmt: skip
     if run.failed:
         print(f"{len(run.failed)} of {len(run.results)} slides failed", file=sys.stderr)

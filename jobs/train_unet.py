@@ -45,8 +45,8 @@ PRESETS: dict[str, dict] = {
         data=[str(SHARED_DATA / "nuclei")], val_split=0.0, mpp=0.5, image_mpp=NUCLEI_MPP,
         negatives=[[str(SHARED_DATA / "slides" / "cmu-1-small-region.svs"), str(bundled_file("hard-negatives.json"))]],
         base_channels=16, depth=3, optimizer="adam", lr=1e-3, lr_schedule="cosine", batch_size=4, output_size=132,
-        weight_map=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.75, 2.0), blur=1.5,
-        jpeg=(40, 90), epochs=40, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
+        weight_map=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.8, 1.25), blur=1.5,
+        jpeg=(40, 90), epochs=60, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
         name="nuclei-unet",
     ),
 }  # fmt: skip
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stain-jitter", action=argparse.BooleanOptionalAction, default=False, help="H&E colour jitter in HED space (RGB data)")
     g.add_argument("--intensity-jitter", action=argparse.BooleanOptionalAction, default=True, help="brightness/contrast jitter")
     g.add_argument("--scale-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="zoom half the patches by a factor drawn log-uniformly in [LOW, HIGH] (e.g. 0.75 2: nuclei as "
-                   "seen from 0.25 to 0.67 µm/px by a 0.5 µm/px model)")  # fmt: skip
+                   help="zoom half the patches by a factor drawn log-uniformly in [LOW, HIGH] (e.g. 0.8 1.25: µm/px "
+                   "metadata or objectives off by up to 25 %%)")  # fmt: skip
     g.add_argument("--blur", type=float, default=default["blur"], help="max Gaussian blur sigma in px for a quarter of the patches (0: off)")
     g.add_argument("--jpeg", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="re-encode a quarter of the patches as JPEG at a quality in [LOW, HIGH]")  # fmt: skip

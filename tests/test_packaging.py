@@ -37,7 +37,15 @@ def test_console_entry_points_run(script):
 
 @pytest.mark.slow
 def test_the_wheel_ships_the_entry_points_and_the_bundled_model(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path)],
+    import shutil
+
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO / name, source / name)
+    for name in ("unet", "pipeline", "jobs", "models"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path)],
                    check=True, capture_output=True, timeout=600)  # fmt: skip
     (wheel,) = tmp_path.glob("wsi_unet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -166,4 +166,4 @@ def test_the_nuclei_preset_trains_instances_on_all_twelve_images_with_hard_negat
     assert cfg.boundary_width == 1 and cfg.val_split == 0 and not cfg.val_files and cfg.best_metric == "epoch"
     assert cfg.class_names == ["background", "nucleus", "nucleus boundary"] and cfg.mpp == 0.5
     assert [Path(r).name for _, r in cfg.negatives] == ["hard-negatives.json"]
-    assert cfg.scale_range == (0.75, 2.0) and cfg.blur > 0 and cfg.jpeg
+    assert cfg.scale_range == (0.8, 1.25) and cfg.blur > 0 and cfg.jpeg

@@ -77,8 +77,13 @@ def build_data(cfg: TrainConfig) -> TrainingData:
     weights = None
     if cfg.class_balance:
         labels = [r.label for r in train_records] + [s.label for s in slides]
-        weights = tuple(float(w) for w in class_balance_weights(class_counts(labels, label_mode, num_classes,
-                                                                                   boundary_width=cfg.boundary_width)))
+        counts = class_counts(labels, label_mode, num_classes, boundary_width=cfg.boundary_width)
+        if cfg.boundary_width:  # the rim is the object's edge: balanced as its own (rarer) class, a missed rim pixel
+            # would cost far more than a false one outside, and predicted nuclei would swell
+            background, objects = class_balance_weights(np.array([counts[0], counts[1:].sum()]))
+            weights = (float(background), float(objects), float(objects))
+        else:
+            weights = tuple(float(w) for w in class_balance_weights(counts))
     if cfg.normalize_inputs:
         images = [r.image for r in train_records] + [s.image.thumbnail(1024) for s in slides]
         mean, std = channel_stats(images)
