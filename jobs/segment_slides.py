@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shard-tiles", type=int, default=None, metavar="K",
         help="tiles per side of a shard, the unit of work and of writing: one file per shard and level (default: "
         "shards of about 4096 px, 16 tiles of 256)")
+    add("--slide-image", choices=("overview", "full"), default="overview",
+        help="the slide image at the store's root, under the masks in viewers: 'overview' (its thumbnail and halvings, "
+        "a few MB) or 'full' (the segmented level pixel for pixel and its halvings: sharp when zoomed in, a "
+        "compressed copy of the slide) (default: %(default)s)")
     add("--batch-size", type=int, default=4, metavar="B",
         help="tiles per forward pass on each actor (default: %(default)s)")
     add("--actors", type=int, default=1, metavar="N",
@@ -138,7 +142,7 @@ def options_from(args: argparse.Namespace, model: Any):
     config = BatchConfig(
         tile_size=args.tile_size, level=args.level, target_mpp=args.mpp, probabilities=args.probabilities,
         overwrite=args.overwrite, tissue_mask=tissue_mask_option(args),
-        previews=not args.no_preview, limits=limits, shard_tiles=args.shard_tiles,
+        previews=not args.no_preview, limits=limits, shard_tiles=args.shard_tiles, slide_image=args.slide_image,
     )  # fmt: skip
     options = RayOptions(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,

@@ -95,3 +95,47 @@ def test_every_image_and_label_meets_the_strict_ngff_05_requirements(which, requ
     for group in groups[1:]:
         colors = group.attrs["ome"]["image-label"]["colors"]
         assert colors and all({"label-value", "rgba"} <= set(c) for c in colors), group.path
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory):
+    """``slide_image="full"``: the root image is the segmented level itself (5 x 3 shards of 64 px here)."""
+    from pipeline.store import slide_overview
+
+    image = random_image(300, 190, seed=8)
+    path = tmp_path_factory.mktemp("ngff-full") / "slide.zarr"
+    saved = slide_overview.FULL_SHARD, slide_overview.CHUNK
+    slide_overview.FULL_SHARD, slide_overview.CHUNK = 64, 32  # several shards on a small image
+    try:
+        result = segment_slide(open_slide(image, mpp=0.5), path, varied_unet(), tile_size=64, slide_image="full")
+    finally:
+        slide_overview.FULL_SHARD, slide_overview.CHUNK = saved
+    assert result.error is None
+    return path, image
+
+
+def test_the_full_resolution_slide_image_is_the_slide_pixel_for_pixel_and_validates(full_store):
+    from ome_zarr_models.v05.image import Image
+
+    from pipeline.slides.sources import mean_2x2
+    from pipeline.store.slide_overview import halve
+
+    path, image = full_store
+    root = zarr.open_group(str(path), mode="r")
+    Image.from_zarr(root)
+    assert root.attrs["wsi_unet"]["slide_image"] == "full"
+    level0 = root["0"][...].transpose(1, 2, 0)
+    assert np.array_equal(level0, image)
+    assert np.array_equal(root["1"][...].transpose(1, 2, 0), halve(image))
+    assert np.array_equal(halve(image)[:-1], mean_2x2(image[:298, :190]))  # whole 2 x 2 means inside
+    for dataset in root.attrs["ome"]["multiscales"][0]["datasets"]:  # level k's shape is the mask's level k's
+        assert root[dataset["path"]].shape[1:] == root[f"labels/segmentation/{dataset['path']}"].shape
+
+
+def test_the_full_resolution_image_lines_up_with_the_mask(full_store):
+    path, _ = full_store
+    root = zarr.open_group(str(path), mode="r")
+    for dataset in root.attrs["ome"]["multiscales"][0]["datasets"]:
+        scale, translation = (t[k] for t, k in zip(dataset["coordinateTransformations"], ("scale", "translation")))
+        k = int(dataset["path"])
+        assert scale[1:] == [0.5 * 2**k] * 2 and translation[1:] == [0.5 * (2**k - 1) / 2] * 2

@@ -38,7 +38,8 @@ class BatchConfig:
     """Per-slide settings. ``level`` or ``target_mpp`` (µm/px) picks the resolution; neither: the model's
     training µm/px when it has one, else level 0. ``tissue_mask``: None, True (detect) or a mask image.
     ``resume`` (default): finish interrupted outputs made with the same settings and keep complete ones.
-    ``shard_tiles``: tiles per shard side (None: shards of about 4096 pixels)."""
+    ``shard_tiles``: tiles per shard side (None: shards of about 4096 pixels). ``slide_image``: the store's root
+    image, "overview" (the slide's thumbnail) or "full" (the slide at the segmented level, every pixel)."""
 
     tile_size: int = 256
     level: int | None = None
@@ -50,6 +51,7 @@ class BatchConfig:
     previews: bool = True
     limits: SlideLimits = field(default_factory=SlideLimits)
     shard_tiles: int | None = None
+    slide_image: str = "overview"
 
     def plan_settings(self, model: Any) -> dict[str, Any]:
         """``plan_slide``'s keyword arguments for every slide of the batch."""
@@ -60,6 +62,7 @@ class BatchConfig:
             tile_size=self.tile_size, level=self.level, target_mpp=target_mpp, require_mpp=self.target_mpp is not None,
             probabilities=self.probabilities, overwrite=self.overwrite, resume=self.resume,
             tissue_mask=self.tissue_mask, replace_other_slides=False, limits=self.limits, shard_tiles=self.shard_tiles,
+            slide_image=self.slide_image,
         )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from pipeline.slides.sources import SlideLimits, SlideSource
 from pipeline.slides.shard_blocks import ShardBlocks, check_shard_reach
 from pipeline.store.locking import StoreLock
 from pipeline.store.output_store import OutputStore, create_output_store, open_existing_store
+from pipeline.store.slide_overview import SLIDE_IMAGES
 from pipeline.store.shard_state import TILE_DONE, TILE_PENDING, TILE_SKIPPED
 
 logger = logging.getLogger(__name__)
@@ -222,13 +223,17 @@ def plan_slide(
     limits: SlideLimits | None = None,
     lock_token: str | None = None,
     shard_tiles: int | None = None,
+    slide_image: str = "overview",
 ) -> SlidePlan:
     """Open the slide, lay out the tiles and create (or reopen, with ``resume``) the output store.
 
     The caller holds the store's lock (:class:`pipeline.store.locking.StoreLock`). ``require_mpp``: a slide
     without µm/px metadata is an error for ``target_mpp`` instead of falling back to level 0. ``shard_tiles``:
     tiles per shard side (default: shards of about 4096 pixels, see :data:`~pipeline.slides.geometry.SHARD_SIDE`).
+    ``slide_image``: the store's root image of the slide, "overview" (its thumbnail) or "full" (every pixel).
     """
+    if slide_image not in SLIDE_IMAGES:
+        raise ValueError(f"slide_image must be one of {', '.join(SLIDE_IMAGES)}, got {slide_image!r}")
     slide = open_for_segmentation(source, level, target_mpp, mpp, require_mpp=require_mpp)
     if slide.mpp and (warning := implausible_mpp(slide.mpp / slide.level0_downsample, slide.path or slide.name)):
         logger.warning("%s", warning)
@@ -245,6 +250,7 @@ def plan_slide(
 
     requested = {"level": level, "target_mpp": target_mpp}
     meta = provenance(slide, grid, model, chunk, probabilities, describe_tissue_option(tissue_mask), requested)
+    meta["slide_image"] = slide_image  # read at finalize; a resumed store keeps its own
     store = open_existing_store(out_path, grid, meta, overwrite=overwrite, resume=resume,
                                 replace_other_slides=replace_other_slides)  # fmt: skip
     if store is None:
@@ -286,6 +292,7 @@ def segment_slide(
     progress: bool = False,
     shard_tiles: int | None = None,
     compile: bool | str = False,
+    slide_image: str = "overview",
 ) -> SegmentResult:
     """Segment one slide in-process and write the OME-Zarr mosaic to ``out_path``.
 
@@ -295,6 +302,7 @@ def segment_slide(
     level (default 0), or ``target_mpp``: segment at that µm/px (best level, resampled if needed). ``amp``: None (float32),
     "bf16", "fp16" or "auto". Opt-in: ``resume`` (finish an interrupted store), ``tissue_mask`` (True to
     detect tissue, or a boolean mask image; tiles without tissue are not read and stay background).
+    ``slide_image``: "overview" (default: the slide's thumbnail at the store's root) or "full" (every pixel).
     """
     started = time.perf_counter()
     model = resolve_model(model)
@@ -302,7 +310,7 @@ def segment_slide(
         plan = plan_slide(
             source, out_path, model, tile_size=tile_size, level=level, target_mpp=target_mpp, chunk=chunk, mpp=mpp,
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
-            lock_token=lock.token, shard_tiles=shard_tiles,
+            lock_token=lock.token, shard_tiles=shard_tiles, slide_image=slide_image,
         )  # fmt: skip
         busy = run_tiles(plan, model, batch_size, device=device, amp=amp, progress=progress, compile=compile)
         plan.finalize()

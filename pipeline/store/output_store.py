@@ -154,7 +154,8 @@ class OutputStore:
         build_pyramid(self.path, first=self._shard_levels() + 1)  # the levels below came with their shards
         if slide is not None:  # before the provenance is read: zarr rewrites a group's attributes whole
             levels = len(zarr.open_group(f"{self.path}/{LABELS_PATH}", mode="r").attrs["ome"]["multiscales"][0]["datasets"])
-            write_overview(self.path, slide, read_provenance(Path(self.path)).get("mpp"), levels)
+            made = read_provenance(Path(self.path))
+            write_overview(self.path, slide, made.get("mpp"), levels, full=made.get("slide_image") == "full")
         recorded = derived(self.path) if derived is not None else {}
         root = self.root
         info = dict(root.attrs["wsi_unet"])

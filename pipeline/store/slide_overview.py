@@ -1,15 +1,18 @@
-"""The store's root image: the slide itself at reduced resolution, so that a viewer opened on the store shows the
-mask over the slide.
+"""The store's root image: the slide itself, so that a viewer opened on the store shows the mask over the slide.
 
 NGFF 0.5 puts ``labels/`` inside an image group; with the slide at the root, ome-zarr-py, napari-ome-zarr and
 vizarr find the image and its ``labels/segmentation`` together. The image is the segmented level's thumbnail
 (longer side at most ``max_side``, area-filtered) and its halvings (2 x 2 means), as many levels as the label
-pyramid has: a few MB next to a gigapixel slide. Each level's scale and translation say where its pixel centres lie in µm, in the same
-frame as the label pyramid (whose level k samples every 2**k-th pixel, centres at 0), so the two line up.
+pyramid has: a few MB next to a gigapixel slide. ``full=True`` (the job's ``--slide-image full``) writes the
+segmented level itself instead, pixel for pixel, shard by shard, and its halvings: what a viewer needs to show the
+slide sharp under the mask when zoomed in, at the cost of a compressed copy of the slide. Each level's scale and
+translation say where its pixel centres lie in µm, in the same frame as the label pyramid (whose level k samples
+every 2**k-th pixel, centres at 0), so the two line up.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import zarr
 
 OVERVIEW_MAX_SIDE = 2048  # the root image's largest level (longer side, px)
 CHUNK = 512
+FULL_SHARD = 4096  # px per shard side of the full-resolution image (64 chunks: one file each)
+SLIDE_IMAGES = ("overview", "full")
 
 
 def overview_levels(thumbnail: np.ndarray, count: int) -> list[np.ndarray]:
@@ -31,6 +36,60 @@ def overview_levels(thumbnail: np.ndarray, count: int) -> list[np.ndarray]:
         image = np.pad(image, short, mode="edge")  # a 1-px side stays 1 px
         levels.append(mean_2x2(image[: image.shape[0] // 2 * 2, : image.shape[1] // 2 * 2]))
     return levels
+
+
+def halve(image: np.ndarray) -> np.ndarray:
+    """2 x 2 means of an (h, w, C) image, ceil(h / 2) x ceil(w / 2): an odd last row or column is doubled, so
+    shapes follow the label pyramid's (which samples every other pixel)."""
+    from pipeline.slides.sources import mean_2x2
+
+    if image.shape[0] % 2 or image.shape[1] % 2:
+        image = np.pad(image, [(0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)], mode="edge")
+    return mean_2x2(image)
+
+
+def write_full_levels(root: zarr.Group, folder: Path, slide: Any, count: int, threads: int = 4) -> None:
+    """Level 0: the segmented level pixel for pixel, read shard by shard; levels 1.. : :func:`halve` of the level
+    above, shard by shard; each level synced under ``folder`` (the store). Memory: a few shards per thread,
+    whatever the slide's size."""
+    from pipeline.store.durability import sync_tree
+
+    channels, shape = slide.shape[2], tuple(slide.size)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slide-image") as pool:
+        for level in range(count):
+            array = root.create_array(str(level), shape=(channels, *shape), dtype="uint8", overwrite=True,
+                                      chunks=(channels, CHUNK, CHUNK), shards=(channels, FULL_SHARD, FULL_SHARD),
+                                      dimension_names=["c", "y", "x"])  # fmt: skip
+            above = root[str(level - 1)] if level else None
+
+            def write(box: tuple[int, int, int, int], array=array, above=above) -> None:
+                y0, x0, y1, x1 = box
+                if above is None:
+                    pixels = np.asarray(slide.read(y0, y1, x0, x1))
+                    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+                else:
+                    pixels = halve(np.asarray(above[:, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]).transpose(1, 2, 0))
+                array[:, y0:y1, x0:x1] = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+            boxes = [(y, x, min(y + FULL_SHARD, shape[0]), min(x + FULL_SHARD, shape[1]))
+                     for y in range(0, shape[0], FULL_SHARD) for x in range(0, shape[1], FULL_SHARD)]  # fmt: skip
+            list(pool.map(write, boxes))
+            sync_tree(folder / str(level))
+            shape = (-(-shape[0] // 2), -(-shape[1] // 2))
+
+
+def write_thumbnail_levels(root: zarr.Group, slide: Any, count: int, max_side: int) -> tuple[int, int]:
+    """The thumbnail (longer side ``max_side``) and its halvings, one shard (one file) per level; returns the
+    thumbnail's (h, w)."""
+    thumbnail = slide.thumbnail(max_side)
+    if thumbnail.ndim == 2:
+        thumbnail = thumbnail[..., None]
+    for k, image in enumerate(overview_levels(thumbnail, count)):
+        whole = tuple(-(-side // CHUNK) * CHUNK for side in image.shape[:2])
+        root.create_array(str(k), data=np.ascontiguousarray(image.transpose(2, 0, 1)), overwrite=True,
+                          chunks=(image.shape[2], CHUNK, CHUNK), shards=(image.shape[2], *whole),
+                          dimension_names=["c", "y", "x"])  # fmt: skip
+    return thumbnail.shape[:2]
 
 
 def level_transforms(slide_shape: tuple[int, int], first: tuple[int, int], count: int,
@@ -51,20 +110,18 @@ def level_transforms(slide_shape: tuple[int, int], first: tuple[int, int], count
 
 
 def write_overview(store: str | Path, slide: Any, mpp: float | None, count: int,
-                   max_side: int = OVERVIEW_MAX_SIDE) -> None:  # fmt: skip
+                   max_side: int = OVERVIEW_MAX_SIDE, full: bool = False) -> None:  # fmt: skip
     """Write the root image of ``store`` from ``slide`` (the segmented view), ``count`` levels (as many as the
-    label pyramid: ome-zarr-models checks they match), and its NGFF multiscales metadata."""
-    thumbnail = slide.thumbnail(max_side)
-    if thumbnail.ndim == 2:
-        thumbnail = thumbnail[..., None]
-    levels = overview_levels(thumbnail, count)
+    label pyramid: ome-zarr-models checks they match), and its NGFF multiscales metadata. ``full``: the slide at
+    full resolution instead of its thumbnail."""
     root = zarr.open_group(str(store), mode="r+")
-    for k, image in enumerate(levels):
-        whole = tuple(-(-side // CHUNK) * CHUNK for side in image.shape[:2])  # one shard: one file per level
-        root.create_array(str(k), data=np.ascontiguousarray(image.transpose(2, 0, 1)), overwrite=True,
-                          chunks=(image.shape[2], CHUNK, CHUNK), shards=(image.shape[2], *whole),
-                          dimension_names=["c", "y", "x"])  # fmt: skip
-    transforms = level_transforms(slide.size, thumbnail.shape[:2], len(levels), mpp)
+    if full:
+        write_full_levels(root, Path(store), slide, count)
+        first, description = tuple(slide.size), "the slide at the segmented level, pixel for pixel, then 2 x 2 means"
+    else:
+        first = write_thumbnail_levels(root, slide, count, max_side)
+        description = "the slide's thumbnail (area filter), then 2 x 2 means; the slide file holds the full resolution"
+    transforms = level_transforms(slide.size, first, count, mpp)
     unit = {"unit": "micrometer"} if mpp else {}
     root.attrs["ome"] = {
         "version": "0.5",
@@ -74,7 +131,6 @@ def write_overview(store: str | Path, slide: Any, mpp: float | None, count: int,
                      {"name": "x", "type": "space", **unit}],
             "datasets": [{"path": str(k), "coordinateTransformations": t} for k, t in enumerate(transforms)],
             "type": "mean",
-            "metadata": {"description": "the slide's thumbnail (area filter), then 2 x 2 means; the slide file holds the "
-                                        "full resolution"},
+            "metadata": {"description": description},
         }],
     }  # fmt: skip
