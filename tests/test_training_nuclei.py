@@ -145,13 +145,15 @@ def test_a_boundary_model_records_its_instance_rule_and_the_last_epoch_is_export
     cfg = TrainConfig(data=[str(tmp_path / "data")], val_files=["n2"], label_mode="instances", boundary_width=1,
                       negatives=[[str(slide), str(tmp_path / "negatives.json")]], base_channels=4, depth=2,
                       output_size=16, samples_per_epoch=4, batch_size=2, loader_workers=0, val_tile=16, epochs=2,
-                      best_metric="epoch", scale_range=(0.75, 2.0), blur=1.0, jpeg=(40, 90), mpp=0.5,
+                      best_metric="epoch", scale_range=(0.75, 2.0), blur=1.0, jpeg=(40, 90), mpp=0.5, validate_every=5,
                       class_names=["background", "nucleus", "nucleus boundary"])  # fmt: skip
     fit(cfg, "nuclei", tmp_path / "runs", num_workers=0)
     model = load_model(tmp_path / "runs" / "nuclei" / "best-model.pt")
     assert model.num_classes == 3 and model.card.metadata["epoch"] == 1  # the last epoch, chosen by no image
     assert InstanceRule.from_card(model.card) == InstanceRule(seed_class=1, grow_classes=(2,), grow_steps=2)
     assert model.card.metadata["negatives"] == ["negatives.json"]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "nuclei" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_dice" not in rows[0] and "val_dice" in rows[1]  # every 5th epoch and the last
 
 
 def test_the_nuclei_preset_trains_instances_on_all_twelve_images_with_hard_negatives():
