@@ -89,12 +89,14 @@ def build_data(cfg: TrainConfig) -> TrainingData:
         mean, std = channel_stats(images)
     else:
         mean, std = (0.5,), (0.5,)
-    sources = [ImagePatchSource(r) for r in train_records] + slides + negative_sources(cfg)
+    negatives = negative_sources(cfg)
+    sources = [ImagePatchSource(r) for r in train_records] + slides + negatives
     val_items = [ValItem(r.name, r.image, r.label, (0, 0, *r.image.shape[:2])) for r in val_records]
     val_items += _slide_val_items(val_slides, cfg.val_tile, cfg.val_tiles_per_slide, cfg.seed)
     logger.info(
-        "data: %d training images + %d slides, %d validation regions; label mode %s, %d classes, class weights %s",
-        len(train_records), len(slides), len(val_items), label_mode, num_classes, weights,
+        "data: %d training images + %d slides + %d hard-negative regions, %d validation regions; label mode %s, %d "
+        "classes, class weights %s", len(train_records), len(slides), len(negatives), len(val_items), label_mode,
+        num_classes, weights,
     )  # fmt: skip
     return TrainingData(
         sources, val_items, in_channels, num_classes, label_mode, weights, mean, std,

@@ -123,6 +123,9 @@ def train_fn(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     cfg = TrainConfig.from_dict(config)
+    # Ray Train logs two INFO lines per epoch ("Checkpoint successfully created", "Reporting training result");
+    # the epoch line below says what a user needs. Its warnings and errors still show.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
