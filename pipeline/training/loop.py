@@ -126,6 +126,12 @@ def train_fn(config: dict[str, Any]) -> None:
     # Ray Train logs two INFO lines per epoch ("Checkpoint successfully created", "Reporting training result");
     # the epoch line below says what a user needs. Its warnings and errors still show.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this one is named by its file's path, not its module
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: its lines stay
+        pass
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
