@@ -13,11 +13,16 @@ from PIL import Image
 
 from conftest import shared_file
 from pipeline.training import augment
-from pipeline.training.data import NegativePatchSource, PatchDataset, PatchGeometry, SampleSpec, read_negative_regions
+from pipeline.training.data import NegativePatchSource, PatchDataset, PatchGeometry, SampleSpec
+from pipeline.training.hard_negatives import load_hard_negatives
 from pipeline.training.files import split_boundaries, to_classes
 
 REPO = Path(__file__).resolve().parents[1]
 NEGATIVES = REPO / "models" / "hard-negatives.json"
+
+
+def read_negative_regions(path: Path, split: str) -> list:
+    return [r for entry in load_hard_negatives(path, path.parent) for r in entry.regions if r.split == split]
 
 
 def test_boundary_targets_part_touching_nuclei_and_keep_a_seed_for_every_nucleus():
@@ -69,11 +74,11 @@ def test_blur_and_jpeg_degrade_patches_within_range_and_are_off_at_zero():
 def test_hard_negative_regions_give_all_background_patches_from_inside_the_region():
     slide = shared_file("slides/cmu-1-small-region.svs")
     regions = read_negative_regions(NEGATIVES, "train")
-    assert regions and all(r["split"] == "train" for r in regions)
-    assert not {r["name"] for r in regions} & {r["name"] for r in read_negative_regions(NEGATIVES, "eval")}
+    assert regions and all(r.split == "train" for r in regions)
+    assert not {r.name for r in regions} & {r.name for r in read_negative_regions(NEGATIVES, "eval")}
     region = regions[0]
     source = NegativePatchSource(slide, region, context=100, mpp=0.5)
-    y0, x0, y1, x1 = region["box"]  # cmu-1 is 0.499 µm/px: read as is, no resampling
+    y0, x0, y1, x1 = region.box  # cmu-1 is 0.499 µm/px: read as is, no resampling
     assert source.image.shape[:2] == (y1 - y0 + 200, x1 - x0 + 200) and not source.label.any()
     import openslide
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,6 @@ from pipeline.training.data import (
     SlidePatchSource,
     channel_stats,
     class_counts,
-    read_negative_regions,
 )
 from pipeline.training.evaluate import ValItem
 from pipeline.training.files import detect_label_mode, folder_pairs, load_records, split_names
@@ -129,10 +129,14 @@ def build_dataset(cfg: TrainConfig, data: TrainingData, model: UNet) -> PatchDat
 def negative_sources(cfg: TrainConfig, context: int = 160) -> list[NegativePatchSource]:
     """The "train" regions of every hard-negatives file (``cfg.negatives``: [slide, regions.json] pairs), read
     at the training µm/px with ``context`` px around each (the input halo, elastic margin and zoom)."""
+    from pipeline.training.hard_negatives import load_hard_negatives
+
     return [
         NegativePatchSource(slide, region, context, cfg.mpp)
         for slide, regions in cfg.negatives
-        for region in read_negative_regions(regions, "train")
+        for entry in load_hard_negatives(regions, Path(slide).parent)
+        for region in entry.regions
+        if region.split == "train"
     ]
 
 

@@ -218,7 +218,7 @@ class NegativePatchSource:
 
     negative = True
 
-    def __init__(self, slide: str | Path, region: dict, context: int, mpp: float | None = None):
+    def __init__(self, slide: str | Path, region: Any, context: int, mpp: float | None = None):
         from pipeline.slides.pyramid import open_slide
         from pipeline.slides.sources import ResampledSource
 
@@ -227,8 +227,8 @@ class NegativePatchSource:
         if mpp is not None and source.mpp and abs(mpp / source.mpp - 1) > 0.05:
             factor = mpp / source.mpp
             source = ResampledSource(source, factor)
-        y0, x0, y1, x1 = (round(v / factor) for v in region["box"])
-        self.name = f"{source.name}#{region['name']}"
+        y0, x0, y1, x1 = (round(v / factor) for v in region.box)  # a hard_negatives.Region
+        self.name = f"{source.name}#{region.name}"
         self.inner = (y1 - y0, x1 - x0)
         self.context = context
         self.image = read_region(source, y0 - context, x0 - context, y1 - y0 + 2 * context, x1 - x0 + 2 * context)
@@ -244,17 +244,6 @@ class NegativePatchSource:
 
     def sample_origin(self, rng: np.random.Generator, output_size: int) -> tuple[int, int]:
         return tuple(self.context + int(rng.integers(0, max(0, side - output_size) + 1)) for side in self.inner)  # type: ignore[return-value]
-
-
-def read_negative_regions(path: str | Path, split: str = "train") -> list[dict]:
-    """The regions of a hard-negatives file whose ``split`` is ``split`` ("train" or "eval").
-
-    Format: ``{"slide": file name, "mpp": µm/px, "regions": [{"name", "kind", "box": [y0, x0, y1, x1]
-    (level-0 px), "split"}, ...]}``."""
-    import json
-
-    regions = json.loads(Path(path).read_text())["regions"]
-    return [r for r in regions if r.get("split", "train") == split]
 
 
 class PatchDataset(Dataset):
