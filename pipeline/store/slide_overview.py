@@ -27,14 +27,9 @@ SLIDE_IMAGES = ("overview", "full")
 
 def overview_levels(thumbnail: np.ndarray, count: int) -> list[np.ndarray]:
     """``thumbnail`` (h, w, C) and its 2 x 2-mean halvings, ``count`` levels in all (at least 1 px a side)."""
-    from pipeline.slides.sources import mean_2x2
-
     levels = [thumbnail]
     while len(levels) < count:
-        image = levels[-1]
-        short = [(0, max(0, 2 - side)) for side in image.shape[:2]] + [(0, 0)]
-        image = np.pad(image, short, mode="edge")  # a 1-px side stays 1 px
-        levels.append(mean_2x2(image[: image.shape[0] // 2 * 2, : image.shape[1] // 2 * 2]))
+        levels.append(halve(levels[-1]))  # a 1-px side stays 1 px
     return levels
 
 
