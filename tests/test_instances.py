@@ -11,7 +11,7 @@ from pipeline import open_slide, segment_slide
 from pipeline.analysis.components import ComponentOptions
 from pipeline.analysis.instance_labels import write_instance_labels
 from pipeline.analysis.instance_zarr import label_instances_zarr
-from pipeline.analysis.instances import InstanceRule, grow, label_instances
+from pipeline.analysis.instances import NO_LABEL, InstanceRule, grow, label_instances
 
 
 def test_touching_nuclei_separated_by_boundary_pixels_get_two_ids():
@@ -60,6 +60,23 @@ def test_growth_is_diagonal_and_the_image_border_is_not_padded():
     seeds = np.zeros((3, 3), np.uint32)
     seeds[0, 0] = 7
     assert grow(seeds, np.ones((3, 3), bool), 1).tolist() == [[7, 7, 0], [7, 7, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("shape", [(40, 53), (1, 17), (17, 1)])
+def test_growth_equals_repeated_3x3_minimum_filters(shape):
+    """The sparse growth against the plain definition: each step, every open mask pixel takes the 3 x 3 minimum
+    of the ids around it (0 counting as +inf, nothing beyond the border), all pixels at once."""
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(4):
+        seeds = np.where(rng.random(shape) < 0.08, rng.integers(1, 40, shape), 0).astype(np.uint32)
+        mask = rng.random(shape) < 0.6
+        expected = seeds.copy()
+        for _ in range(3):
+            infinite = np.where(expected == 0, np.uint32(NO_LABEL), expected)
+            smallest = ndimage.minimum_filter(infinite, size=3, mode="constant", cval=NO_LABEL)
+            expected = np.where(mask & (expected == 0) & (smallest != NO_LABEL), smallest, expected)
+        assert np.array_equal(grow(seeds, mask, 3), expected)
+        assert np.array_equal(grow(seeds, mask, 0), seeds)
 
 
 def test_the_rule_round_trips_and_refuses_unknown_keys():

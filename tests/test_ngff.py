@@ -40,6 +40,18 @@ def test_ome_zarr_reader_finds_the_slide_and_its_labels_at_the_root(store):
     assert any(isinstance(spec, Label) for node in nodes for spec in node.specs)
 
 
+def test_viewers_draw_the_slide_in_its_own_colours(store):
+    """Without ``omero`` rendering, napari-ome-zarr and vizarr show the three channels in cyan, magenta and yellow:
+    a false-colour slide. ome-zarr-py's reader hands napari what the store says."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    slide = list(Reader(parse_url(str(store)))())[0].metadata
+    assert slide["colormap"] == [[[0, 0, 0], [1.0, 0.0, 0.0]], [[0, 0, 0], [0.0, 1.0, 0.0]], [[0, 0, 0], [0.0, 0.0, 1.0]]]
+    assert slide["contrast_limits"] == [[0, 255]] * 3 and slide["visible"] == [True] * 3
+    assert slide["channel_names"] == ["red", "green", "blue"]
+
+
 def test_slide_and_mask_line_up_in_micrometres_at_every_level(store):
     root = zarr.open_group(str(store), mode="r")
     mpp = root.attrs["wsi_unet"]["mpp"]

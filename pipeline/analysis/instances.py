@@ -93,32 +93,40 @@ def seed_components(class_map: np.ndarray, rule: InstanceRule) -> tuple[np.ndarr
 def grow(seeds: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
     """``seeds`` (uint32, 0 = none) grown ``steps`` times into unlabelled ``mask`` pixels: each step gives such a
     pixel the smallest id among its 8 neighbours (all steps simultaneous, so ties go to the smallest id): a 3 x 3
-    minimum filter where 0 counts as +inf. Pixels beyond the array do not exist (a border of +inf).
+    minimum filter where 0 counts as +inf. Pixels beyond the array do not exist.
 
-    Only the still-open mask pixels are visited (8 gathers each per step), so a step costs in proportion to the
-    rim, not the image. Returns a new uint32 array."""
+    Only the still-open mask pixels are visited (8 gathers each per step), and nothing else of the image is
+    touched but one copy and one scan of ``mask``: a step costs in proportion to the rim, not the image.
+    Returns a new uint32 array."""
     height, width = seeds.shape
-    side = width + 2
-    padded = np.full((height + 2, side), NO_LABEL, dtype=np.uint32)
-    inner = padded[1:-1, 1:-1]
-    np.copyto(inner, seeds, where=seeds != 0, casting="unsafe")
-    open_ = np.zeros(padded.shape, dtype=bool)
-    np.logical_and(mask, seeds == 0, out=open_[1:-1, 1:-1])
-    where = np.flatnonzero(open_)
-    del open_
-    flat = padded.ravel()
-    offsets = (-side - 1, -side, -side + 1, -1, 1, side - 1, side, side + 1)
+    grown = np.array(seeds, dtype=np.uint32)  # a copy: the caller's seeds stay as they are
+    flat = grown.ravel()
+    where = np.flatnonzero(mask)
+    where = where[flat[where] == 0]
+    if steps <= 0 or not len(where):
+        return grown
+    rows, cols = np.divmod(where, width)
+    # a neighbour exists unless the pixel lies on the side it is on; ids - 1 in uint32 turns "no id" (0) into the
+    # largest value, so the minimum skips it, and + 1 turns "none reached" back into 0
+    sides = {-1: rows > 0, 1: rows < height - 1}, {-1: cols > 0, 1: cols < width - 1}
+    neighbours = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    last = flat.size - 1
     for _ in range(steps):
-        if not len(where):
-            break
-        reached = np.take(flat, where + offsets[0])
-        for offset in offsets[1:]:
-            np.minimum(reached, np.take(flat, where + offset), out=reached)
-        hit = reached != NO_LABEL
+        reached = np.full(len(where), NO_LABEL, dtype=np.uint32)
+        for dy, dx in neighbours:
+            ids = np.take(flat, np.minimum(where + (dy * width + dx), last), mode="clip")  # clipped ones are masked
+            ids -= np.uint32(1)
+            exists = sides[0][dy] & sides[1][dx] if dy and dx else sides[0][dy] if dy else sides[1][dx]
+            ids[~exists] = NO_LABEL
+            np.minimum(reached, ids, out=reached)
+        reached += np.uint32(1)
+        hit = reached != 0
         flat[where[hit]] = reached[hit]  # after every pixel's minimum was taken: the step is simultaneous
-        where = where[~hit]
-    grown = inner.copy()
-    grown[grown == NO_LABEL] = 0
+        keep = ~hit
+        if not keep.any():
+            break
+        where = where[keep]
+        sides = ({k: v[keep] for k, v in sides[0].items()}, {k: v[keep] for k, v in sides[1].items()})
     return grown
 
 
@@ -127,7 +135,8 @@ def label_instances(class_map: np.ndarray, rule: InstanceRule) -> np.ndarray:
     ``scipy.ndimage.label`` numbers components), seeds smaller than ``min_seed_area`` dropped (and the rest
     renumbered keeping that order), then grown. 0 = no instance."""
     labels, count = seed_components(class_map, rule)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    flat = labels.ravel()
+    areas = np.bincount(flat[np.flatnonzero(flat)], minlength=count + 1)[1:]
     ids = np.zeros(count + 1, dtype=np.uint32)
     keep = areas >= rule.min_seed_area
     ids[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)

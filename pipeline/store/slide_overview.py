@@ -25,6 +25,16 @@ FULL_SHARD = 4096  # px per shard side of the full-resolution image (64 chunks: 
 SLIDE_IMAGES = ("overview", "full")
 
 
+# How viewers should draw the slide: its three channels as red, green and blue on 0-255, added up. Without it
+# napari-ome-zarr and vizarr fall back to their multichannel colours (cyan, magenta, yellow), a false-colour slide.
+RGB_RENDERING = {
+    "channels": [{"label": name, "color": color, "active": True, "coefficient": 1.0, "family": "linear",
+                  "inverted": False, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+                 for name, color in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))],
+    "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
+}  # fmt: skip
+
+
 def overview_levels(thumbnail: np.ndarray, count: int) -> list[np.ndarray]:
     """``thumbnail`` (h, w, C) and its 2 x 2-mean halvings, ``count`` levels in all (at least 1 px a side)."""
     levels = [thumbnail]
@@ -128,4 +138,5 @@ def write_overview(store: str | Path, slide: Any, mpp: float | None, count: int,
             "type": "mean",
             "metadata": {"description": description},
         }],
+        "omero": RGB_RENDERING,
     }  # fmt: skip
