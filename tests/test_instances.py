@@ -100,7 +100,8 @@ def blob_classes(height: int, width: int, seed: int) -> np.ndarray:
 def class_maps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("instances")
     maps = {}
-    for shape, seed in (((1000, 1300), 0), ((997, 1301), 1)):  # the second: edges that are no multiple of a chunk
+    # the second: edges that are no multiple of a chunk; the third: last blocks (3 and 2 px) thinner than the halo
+    for shape, seed in (((1000, 1300), 0), ((997, 1301), 1), ((1027, 1282), 2)):
         classes = blob_classes(*shape, seed)
         maps[shape] = (classes, zarr.create_array(str(folder / f"map{seed}"), data=classes, chunks=(64, 64)))
     return folder, maps
@@ -108,6 +109,7 @@ def class_maps(tmp_path_factory):
 
 @pytest.mark.parametrize("connectivity, grow_steps, shape", [
     (4, 0, (1000, 1300)), (4, 3, (1000, 1300)), (8, 1, (1000, 1300)), (8, 5, (997, 1301)), (4, 2, (997, 1301)),
+    (8, 5, (1027, 1282)), (4, 2, (1027, 1282)),
 ])  # fmt: skip
 def test_out_of_core_ids_equal_the_whole_image_ids_exactly(class_maps, connectivity, grow_steps, shape):
     folder, maps = class_maps

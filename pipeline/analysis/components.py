@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -161,12 +161,15 @@ def batches_of_rows(grid: tuple[int, int], blocks_per_batch: int) -> Iterator[ra
 
 
 def measure_block(array, box: tuple[int, int, int, int], classes: Sequence[int], structure: np.ndarray,
-                  num_classes: int, width: int | None = None) -> BlockLabels:  # fmt: skip
+                  num_classes: int, width: int | None = None, labels_hook: Callable | None = None) -> BlockLabels:  # fmt: skip
     """Pass one for one block: read it, label it, keep only what the merge needs (with the mosaic's ``width``,
-    also each label's first-pixel key)."""
+    also each label's first-pixel key). ``labels_hook(box, labels)``: shown the block's label image before it
+    is dropped (the instances keep its edges)."""
     y0, x0, y1, x1 = box
     block = np.asarray(array[y0:y1, x0:x1])
     labels, label_class = label_block(block, classes, structure)
+    if labels_hook is not None:
+        labels_hook(box, labels)
     inside = np.flatnonzero(labels)
     areas = label_areas(labels.ravel(), inside, len(label_class))
     keys = None
@@ -303,10 +306,12 @@ def map_blocks(function, array, boxes: Sequence[tuple[int, int, int, int]], opti
 
 
 def connected_components(array, num_classes: int, classes: Sequence[int], options: ComponentOptions, *,
-                         block: tuple[int, int] | None = None, keys: bool = False) -> Components:  # fmt: skip
+                         block: tuple[int, int] | None = None, keys: bool = False,
+                         labels_hook: Callable | None = None) -> Components:  # fmt: skip
     """Objects of each class of ``classes`` in a 2-D class-index ``array`` (a zarr array; any array with
     ``shape``, ``chunks`` and 2-D slicing), read block by block. ``block``: the block shape (default: from the
-    options and the chunks); ``keys``: also each object's first pixel (``component_key``)."""
+    options and the chunks); ``keys``: also each object's first pixel (``component_key``); ``labels_hook``: see
+    :func:`measure_block`."""
     shape = tuple(array.shape)
     block = tuple(block) if block else options.block_shape(tuple(array.chunks))
     grid = grid_of(shape, block)
@@ -315,7 +320,7 @@ def connected_components(array, num_classes: int, classes: Sequence[int], option
     for rows in batches_of_rows(grid, options.blocks_per_batch):
         batch = boxes[rows.start * grid[1] : rows.stop * grid[1]]
         results = map_blocks(measure_block, array, batch, options, tuple(classes), options.structure, num_classes,
-                             shape[1] if keys else None)  # fmt: skip
+                             shape[1] if keys else None, labels_hook)  # fmt: skip
         for r in range(len(rows)):
             merger.add_row(list(results[r * grid[1] : (r + 1) * grid[1]]))
     logger.debug("%d objects from %d blocks of %s px", merger.next_id - 1, len(boxes), block)

@@ -29,7 +29,7 @@ from pipeline.store.durability import sync_files, sync_tree
 from pipeline.store.label_pyramid import LABELS_PATH, build_pyramid
 
 logger = logging.getLogger(__name__)
-SCRATCH = ".instances-scratch"  # hidden folder of the store for the seeds while they are grown; removed after
+SCRATCH = ".instances-scratch"  # hidden folder of the store for the blocks' edge strips while ids are grown; removed after
 FINALIZE_WORKERS = 4  # threads of the finalize step (a Ray finalize task holds one CPU; the pyramid uses 4 too)
 
 
