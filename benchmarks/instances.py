@@ -106,7 +106,7 @@ def run(workdir: Path, gigapixels: float = 0.25, workers: int | None = None) -> 
     shutil.rmtree(out_path, ignore_errors=True)
     gpx = classes.shape[0] * classes.shape[1] / 1e9
     rows = []
-    for step, took, found in (("read once", read_seconds, None), ("instances (3 passes)", seconds, count)):
+    for step, took, found in (("read once", read_seconds, None), ("instances (2 passes)", seconds, count)):
         rows.append([round(gpx, 3), len(boxes), options.num_workers, step, round(took, 4), round(took / gpx, 1),
                      round(gpx * 1e3 / took, 1), round(took / read_seconds, 1), found])  # fmt: skip
     notes = [(f"{classes.shape[0]}² px class map (uint8, {CHUNK}-px chunks in {SHARD}-px shards, as labels/segmentation/0), "
