@@ -15,7 +15,7 @@ map was cut. Two passes over blocks of whole output shards (each shard has one w
    is exact. Only the block's centre is written.
 
 Memory: a block plus its halo per worker (about 20 bytes per pixel: 330 MB for a 4096-px shard), a few numbers
-per seed component; on disk, 16 bytes per px of block perimeter per grow step (the strips).
+per seed component; on disk, 4 bytes per px of block perimeter per grow step (the strips, int32).
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def _label_block(class_map, task: tuple[int, Box], out: zarr.Array, rule: Instan
     seeds = np.zeros(classes.shape, dtype=np.uint32)
     seeds[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0] = block_ids.table(k)[labels]
     row, col = divmod(k, grid[1])
-    for (dr, dc), side in FACING.items() if window != box else ():
+    for (dr, dc), side in FACING.items():
         r, c = row + dr, col + dc
-        if not (0 <= r < grid[0] and 0 <= c < grid[1]):
+        if window == box or not (0 <= r < grid[0] and 0 <= c < grid[1]):  # no halo (0 grow steps), or no neighbour
             continue
         neighbour = r * grid[1] + c
         local, (oy0, ox0, oy1, ox1) = strips.region(boxes[neighbour], side, window)
