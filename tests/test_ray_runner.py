@@ -415,8 +415,11 @@ def test_ctrl_c_says_how_to_resume_and_exits_130_without_a_traceback(model, tmp_
 
     artifact = save_model(model, tmp_path / "model.pt")
     out = tmp_path / "out"
+    # Ctrl-C at a terminal: SIGINT at its default disposition in the job, even when this test session was started
+    # in the background of a script (which leaves SIGINT ignored, and Python keeps an ignored SIGINT ignored)
     job = start_job(str(shared_file("slides/cmu-1-small-region.svs")), "--out", str(out), "--model", str(artifact),
-                    "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                    "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.time() + 120
         while not (out / "cmu-1-small-region.zarr").exists() and time.time() < deadline:
