@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,29 @@ def test_ray_train_two_workers_learns_checkpoints_resumes_and_exports(ray_local,
     segment_slide(slide[..., None], tmp_path / "out.zarr", model, tile_size=16)
     labels = np.asarray(open_labels(tmp_path / "out.zarr")[:])
     assert labels.shape == slide.shape and set(np.unique(labels)) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_the_train_command_prints_each_epoch_once_and_no_traceback(tmp_path):
+    """What a user sees of ``python jobs/train_unet.py``: Ray Train patches ``print`` in its workers so that a
+    printed line reached the console twice; Ray's GCS time-outs used to print tracebacks at shutdown."""
+    write_disk_data(tmp_path / "data", 4)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train_unet.py"), "--data", str(tmp_path / "data"), "--val-files", "03",
+         "--base-channels", "4", "--depth", "2", "--output-size", "16", "--batch-size", "2", "--samples-per-epoch", "8",
+         "--epochs", "2", "--loader-workers", "0", "--val-tile", "16", "--num-workers", "1", "--cpus-per-worker", "1",
+         "--class-names", "background", "disk", "--mpp", "0.5", "--name", "cli", "--storage-path", str(tmp_path / "runs"),
+         "--export", str(tmp_path / "model.pt")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    for epoch in (1, 2):
+        lines = [line for line in output.splitlines() if f"epoch {epoch}/2 | loss" in line]
+        assert len(lines) == 1, output[-3000:]
+    assert "Traceback" not in output and "RpcError" not in output, output[-3000:]
+    assert (tmp_path / "model.pt").is_file()
 
 
 def test_train_cli_help_documents_the_options():

@@ -38,6 +38,15 @@ def starts_local(address: str | None) -> bool:
     return not address or address.strip().lower() in ("", LOCAL)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, repo_root: str | Path | None = None, **kwargs: Any
 ):
@@ -71,5 +80,10 @@ def init_ray(
     loopback_only()
     if dashboard:
         kwargs["dashboard_host"] = "127.0.0.1"
+        kwargs["dashboard_port"] = kwargs.get("dashboard_port") or free_port()
+        # Ray's state API finds "the" local Ray by its processes and fails when another instance runs on the
+        # machine (Ray Train's placement-group cleaner then dies with a traceback); this names ours, to this
+        # process and to the workers, which inherit its environment
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
     ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=dashboard, **kwargs)
     return ray

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -258,7 +259,7 @@ def train_fn(config: dict[str, Any]) -> None:
                     if cfg.local_mode:
                         _save_local_checkpoint(run_dir, state)
                 checkpoint = Checkpoint.from_directory(tmp)
-                print(_epoch_line(metrics, cfg.epochs), flush=True)
+                show(_epoch_line(metrics, cfg.epochs))
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -285,8 +286,16 @@ class EpochProgress:
         self.last = now
         rate = samples / max(now - self.started, 1e-9)
         left = (self.total - steps) * (now - self.started) / steps
-        print(f"epoch {self.epoch + 1}/{self.epochs}: step {steps}/{self.total}, loss {mean_loss:.4f}, "
-              f"{rate:.1f} samples/s, ~{left:.0f} s left in the epoch", flush=True)
+        show(f"epoch {self.epoch + 1}/{self.epochs}: step {steps}/{self.total}, loss {mean_loss:.4f}, "
+             f"{rate:.1f} samples/s, ~{left:.0f} s left in the epoch")
+
+
+def show(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver. Not ``print``: Ray Train 2.x
+    patches it in its workers to log to the root logger *and*, because Ray replaced ``sys.stdout``, also to
+    print, so every line reached the user twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _epoch_line(metrics: dict, epochs: int) -> str:
