@@ -46,7 +46,7 @@ PRESETS: dict[str, dict] = {
         negatives=[[str(SHARED_DATA / "slides" / "cmu-1-small-region.svs"), str(bundled_file("hard-negatives.json"))]],
         base_channels=16, depth=3, optimizer="adam", lr=1e-3, lr_schedule="cosine", batch_size=4, output_size=132,
         weight_map=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.8, 1.25), blur=1.5,
-        jpeg=(40, 90), epochs=60, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
+        jpeg=(40, 90), epochs=100, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
         name="nuclei-unet",
     ),
 }  # fmt: skip
