@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from pipeline.analysis.components import label_areas
+
 NO_LABEL = np.iinfo(np.uint32).max  # "no id" inside grow: larger than every id, so the minimum ignores it
 
 
@@ -110,11 +112,10 @@ def grow(seeds: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
     # largest value, so the minimum skips it, and + 1 turns "none reached" back into 0
     sides = {-1: rows > 0, 1: rows < height - 1}, {-1: cols > 0, 1: cols < width - 1}
     neighbours = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    last = flat.size - 1
     for _ in range(steps):
         reached = np.full(len(where), NO_LABEL, dtype=np.uint32)
         for dy, dx in neighbours:
-            ids = np.take(flat, np.minimum(where + (dy * width + dx), last), mode="clip")  # clipped ones are masked
+            ids = np.take(flat, where + (dy * width + dx), mode="clip")  # off-image ones are masked below
             ids -= np.uint32(1)
             exists = sides[0][dy] & sides[1][dx] if dy and dx else sides[0][dy] if dy else sides[1][dx]
             ids[~exists] = NO_LABEL
@@ -136,7 +137,7 @@ def label_instances(class_map: np.ndarray, rule: InstanceRule) -> np.ndarray:
     renumbered keeping that order), then grown. 0 = no instance."""
     labels, count = seed_components(class_map, rule)
     flat = labels.ravel()
-    areas = np.bincount(flat[np.flatnonzero(flat)], minlength=count + 1)[1:]
+    areas = label_areas(flat, np.flatnonzero(flat), count)
     ids = np.zeros(count + 1, dtype=np.uint32)
     keep = areas >= rule.min_seed_area
     ids[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
