@@ -45,8 +45,8 @@ PRESETS: dict[str, dict] = {
         data=[str(SHARED_DATA / "nuclei")], val_split=0.0, mpp=0.5, image_mpp=NUCLEI_MPP,
         negatives=[[str(SHARED_DATA / "slides" / "cmu-1-small-region.svs"), str(bundled_file("hard-negatives.json"))]],
         base_channels=16, depth=3, optimizer="adam", lr=1e-3, lr_schedule="cosine", batch_size=4, output_size=132,
-        weight_map=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.8, 1.25), blur=1.5,
-        jpeg=(40, 90), epochs=100, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
+        weight_map=True, contact_weight=True, elastic=True, stain_jitter=True, boundary_width=1, scale_range=(0.8, 1.25),
+        blur=1.5, jpeg=(40, 90), epochs=100, best_metric="epoch", class_names=["background", "nucleus", "nucleus boundary"],
         name="nuclei-unet",
     ),
 }  # fmt: skip
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-balance", action=argparse.BooleanOptionalAction, default=True, help="class-frequency weights w_c")
     g.add_argument("--w0", type=float, default=default["w0"], help="border weight amplitude (paper: 10)")
     g.add_argument("--sigma", type=float, default=default["sigma"], help="border weight width in px (paper: 5)")
+    g.add_argument("--contact-weight", action=argparse.BooleanOptionalAction, default=default["contact_weight"],
+                   help="the border weight also on object pixels touching another object, where touching "
+                   "instances part with no background between them")  # fmt: skip
 
     g = p.add_argument_group("augmentation")
     g.add_argument("--elastic", action=argparse.BooleanOptionalAction, default=False,
@@ -228,7 +231,7 @@ def config_from_args(args: argparse.Namespace):
         up_mode=args.up_mode, epochs=args.epochs, batch_size=args.batch_size, output_size=args.output_size,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, weight_map=args.weight_map, class_balance=args.class_balance, w0=args.w0,
-        sigma=args.sigma, flips=args.flips, elastic=args.elastic, elastic_grid=args.elastic_grid,
+        sigma=args.sigma, contact_weight=args.contact_weight, flips=args.flips, elastic=args.elastic, elastic_grid=args.elastic_grid,
         elastic_sigma=args.elastic_sigma, stain_jitter=args.stain_jitter, intensity_jitter=args.intensity_jitter,
         scale_range=tuple(args.scale_range) if args.scale_range else None, blur=args.blur,
         jpeg=tuple(args.jpeg) if args.jpeg else None,

@@ -73,6 +73,28 @@ def test_weight_map_for_nearby_objects_and_far_background():
     assert np.allclose(border_weight(single), 0)
 
 
+def test_contact_weight_stresses_the_edges_where_two_objects_touch_and_nothing_else():
+    labels = two_objects(gap=0)  # object 1 ends at column 11, object 2 starts at column 12: no background between
+    classes = (labels > 0).astype(np.int64)
+    plain = weight_map(classes, labels, None, w0=10, sigma=5)
+    touching = weight_map(classes, labels, None, w0=10, sigma=5, contact=True)
+    # the two columns that meet: d1 = 0 (the pixel's own object), d2 = 1 (the other one, next column)
+    assert touching[10, 11] == pytest.approx(1 + paper_term(0, 1), rel=1e-5)
+    assert touching[10, 12] == pytest.approx(1 + paper_term(0, 1), rel=1e-5)
+    assert plain[10, 11] == pytest.approx(1) and plain[10, 12] == pytest.approx(1)
+    # a diagonal contact counts (8-neighbours): two squares meeting at a corner
+    corner = np.zeros((12, 12), dtype=np.int32)
+    corner[2:6, 2:6], corner[6:10, 6:10] = 1, 2
+    term = border_weight(corner, contact=True)
+    assert term[5, 5] == pytest.approx(paper_term(0, math.sqrt(2)), rel=1e-5) and term[4, 4] == 0
+    # every other pixel, object or background, is weighted as without it
+    changed = ~np.isclose(touching, plain)
+    assert set(np.unique(np.nonzero(changed)[1])) == {11, 12}
+    # objects apart (a background gap) have no contact pixels: the same map either way
+    apart = two_objects(gap=1)
+    assert np.allclose(weight_map(apart > 0, apart, None, contact=True), weight_map(apart > 0, apart, None))
+
+
 def test_nearest_two_distances_are_exact_euclidean():
     labels = np.zeros((30, 30), dtype=np.int32)
     labels[3, 3], labels[3, 20], labels[25, 10] = 1, 2, 3

@@ -118,7 +118,7 @@ def build_dataset(cfg: TrainConfig, data: TrainingData, model: UNet) -> PatchDat
     geometry = PatchGeometry.for_model(model, cfg.output_size)
     spec = SampleSpec(
         label_mode=data.label_mode, num_classes=data.num_classes, class_weights=data.class_weights,
-        border=cfg.weight_map, w0=cfg.w0, sigma=cfg.sigma, flips=cfg.flips, elastic=cfg.elastic,
+        border=cfg.weight_map, w0=cfg.w0, sigma=cfg.sigma, contact_weight=cfg.contact_weight, flips=cfg.flips, elastic=cfg.elastic,
         elastic_grid=cfg.elastic_grid, elastic_sigma=cfg.elastic_sigma, stain_jitter=cfg.stain_jitter,
         intensity_jitter=cfg.intensity_jitter, boundary_width=cfg.boundary_width, scale_range=cfg.scale_range,
         blur=cfg.blur, jpeg=cfg.jpeg,

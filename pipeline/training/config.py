@@ -49,6 +49,7 @@ class TrainConfig:
     class_balance: bool = True  # w_c
     w0: float = 10.0
     sigma: float = 5.0
+    contact_weight: bool = False  # the border weight also on object pixels touching another object
     # ---- augmentation
     flips: bool = True
     elastic: bool = False

@@ -55,6 +55,7 @@ class SampleSpec:
     border: bool = True
     w0: float = 10.0
     sigma: float = 5.0
+    contact_weight: bool = False
     flips: bool = True
     elastic: bool = False
     elastic_grid: int = 3
@@ -111,7 +112,8 @@ def cut_sample(
     region = slice(start - reach, start + size_out + reach)
     instances = to_instances(raw, spec.label_mode, classes)[region, region] if spec.border and spec.w0 > 0 else None
     weights = weight_map(
-        classes[region, region], instances, spec.class_weights, spec.w0, spec.sigma, border=spec.border and spec.w0 > 0
+        classes[region, region], instances, spec.class_weights, spec.w0, spec.sigma,
+        border=spec.border and spec.w0 > 0, contact=spec.contact_weight,
     )[reach : reach + size_out, reach : reach + size_out]
     target = classes[start : start + size_out, start : start + size_out]
     if pixels.shape[-1] == 3 and spec.stain_jitter:

@@ -7,6 +7,10 @@ Euclidean distances from a background pixel to the nearest and the second-neares
 background gaps between touching objects get a large weight and the network learns to separate them.
 The border term is applied to background (class 0) pixels only: inside an object d1 is 0 and the term
 would just re-weight object interiors near other objects, which is not what the separation border is for.
+With ``contact=True`` it is also applied to the object pixels that touch another object (8-neighbours): where
+two instances touch there is no background between them (in the nuclei set ~9 in 10 of the nuclei a model
+merged touch another), so the only pixels that can part them are their own edges; there d1 = 0 and d2 is
+the distance to the other object (1 or sqrt 2), so they get about w0.
 
 Objects are instances: an instance label image is used as is; for binary or class-index labels they are
 the connected components (4-connected) of each foreground class (:func:`instances_from_classes`).
@@ -79,8 +83,22 @@ def nearest_two_distances(instances: np.ndarray, cutoff: float | None = None) ->
     return d1, d2
 
 
-def border_weight(instances: np.ndarray, w0: float = W0, sigma: float = SIGMA) -> np.ndarray:
-    """w0 * exp(-(d1 + d2)^2 / 2 sigma^2) on background pixels (instance 0), 0 on objects."""
+def contact_pixels(instances: np.ndarray) -> np.ndarray:
+    """Object pixels with an 8-neighbour of another object (pixels beyond the array do not count)."""
+    instances = np.asarray(instances)
+    padded = np.pad(instances, 1, mode="edge")  # an edge copy is the pixel's own id: never a contact
+    height, width = instances.shape
+    contact = np.zeros(instances.shape, dtype=bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            neighbour = padded[dy : dy + height, dx : dx + width]
+            contact |= (neighbour != instances) & (neighbour > 0)
+    return contact & (instances > 0)
+
+
+def border_weight(instances: np.ndarray, w0: float = W0, sigma: float = SIGMA, contact: bool = False) -> np.ndarray:
+    """w0 * exp(-(d1 + d2)^2 / 2 sigma^2) on background pixels (instance 0), and with ``contact`` on object
+    pixels touching another object; 0 on other object pixels."""
     instances = np.asarray(instances)
     if w0 == 0 or instances.max(initial=0) == 0:
         return np.zeros(instances.shape, dtype=np.float32)
@@ -88,7 +106,10 @@ def border_weight(instances: np.ndarray, w0: float = W0, sigma: float = SIGMA) -
     with np.errstate(invalid="ignore", over="ignore"):
         term = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))
     term = np.nan_to_num(term, nan=0.0, posinf=0.0).astype(np.float32)
-    term[instances > 0] = 0.0
+    separating = instances == 0
+    if contact:
+        separating |= contact_pixels(instances)
+    term[~separating] = 0.0
     return term
 
 
@@ -99,10 +120,12 @@ def weight_map(
     w0: float = W0,
     sigma: float = SIGMA,
     border: bool = True,
+    contact: bool = False,
 ) -> np.ndarray:
     """The paper's w(x) for a class map (and its instances; derived by connected components if None).
 
-    ``class_weights``: w_c per class (None = 1 for every class); ``border=False`` leaves only w_c.
+    ``class_weights``: w_c per class (None = 1 for every class); ``border=False`` leaves only w_c;
+    ``contact``: the border term also on object pixels touching another object (:func:`border_weight`).
     """
     classes = np.asarray(classes)
     if class_weights is None:
@@ -113,5 +136,5 @@ def weight_map(
     if border and w0 > 0:
         if instances is None:
             instances = instances_from_classes(classes)
-        weights = weights + border_weight(instances, w0, sigma)
+        weights = weights + border_weight(instances, w0, sigma, contact)
     return weights.astype(np.float32)
