@@ -1,6 +1,7 @@
 """(h) CPU modes: the forward pass in each precision and layout, against this CPU's measured peak, with its exactness.
 
-For each mode (float32 or bf16 autocast; NCHW or channels_last) and torch thread count (1, and every core):
+For each mode (float32 or bf16 autocast; NCHW or channels_last; eager, or bf16 channels_last through the job's
+``--compile``: torch.compile with frozen weights, batches padded to 4) and torch thread count (1, and every core):
 
 * forward Mpx/s: :class:`pipeline.inference.predict.TilePredictor` on real input windows (tile 256, batch 4)
   cut from ``cmu-1-small-region.svs``, cycled, in this process;
@@ -33,7 +34,8 @@ COLUMNS = ["precision", "layout", "threads", "forward Mpx/s", "GFLOP/s", "peak G
            "× float32 NCHW", "argmax = float32 (cmu-1)", "argmax = float32 (synthetic)", "differing px: median top-2 gap",
            "tiled vs whole: max |Δ logit|", "tiled vs whole: argmax agreement"]  # fmt: skip
 READ_COLUMNS = ["read", "ms per 348² window", "output Mpx/s", "× native read of the same base area"]
-MODES = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+MODES = [("float32", False, False), ("float32", True, False), ("bfloat16", False, False), ("bfloat16", True, False),
+         ("bfloat16", True, True)]  # (precision, channels_last, compile)
 
 
 def conv_peak(dtype: torch.dtype, threads: int, seconds: float = 2.0) -> float:
@@ -76,10 +78,15 @@ def tissue_windows(path: Path, model, grid_side: int | None = None, limit: int =
     return grid, read_windows(slide, grid, tiles)
 
 
-def predictions(model, grid, windows: np.ndarray, amp: str | None, channels_last: bool) -> np.ndarray:
+def mode_predictor(model, grid, amp: str | None, channels_last: bool, compile: bool = False):
     from pipeline.inference.predict import TilePredictor
 
-    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last)
+    return TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last, compile=compile,
+                                  batch_size=4)  # fmt: skip
+
+
+def predictions(model, grid, windows: np.ndarray, amp: str | None, channels_last: bool, compile: bool = False) -> np.ndarray:
+    predictor = mode_predictor(model, grid, amp, channels_last, compile)
     return np.concatenate([predictor(windows[i : i + 4], return_logits=True)["logits"]
                            for i in range(0, len(windows), 4)])  # fmt: skip
 
@@ -92,14 +99,15 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float |
     return 1 - differ.mean(), float(np.median(gaps)) if gaps.size else None
 
 
-def tiled_vs_whole(model, region: np.ndarray, amp: str | None, channels_last: bool) -> tuple[float, float]:
-    from pipeline.inference.predict import TilePredictor, whole_image_logits
+def tiled_vs_whole(model, region: np.ndarray, amp: str | None, channels_last: bool,
+                   compile: bool = False) -> tuple[float, float]:  # fmt: skip
+    from pipeline.inference.predict import whole_image_logits
     from pipeline.inference.tile_batches import tiled_region_logits
     from pipeline.slides.geometry import tile_grid_for_model
     from pipeline.slides.sources import ArraySource
 
     grid = tile_grid_for_model(model, region.shape[:2], 256)
-    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last)
+    predictor = mode_predictor(model, grid, amp, channels_last, compile)
     tiled = tiled_region_logits(ArraySource(region), grid, predictor)
     whole = whole_image_logits(model, region, amp=amp)
     return float(np.abs(tiled - whole).max()), float((tiled.argmax(0) == whole.argmax(0)).mean())
@@ -131,7 +139,6 @@ def read_rows(slide_path: Path) -> list[list[Any]]:
 
 def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str, Any]:
     from benchmarks.gpu import flops_per_tile
-    from pipeline.inference.predict import TilePredictor
 
     saved = torch.get_num_threads()
     flops_per_px = flops_per_tile(model, model.valid_output_size(256)) / 256**2  # per kept px of the job's tile
@@ -149,10 +156,10 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
         for threads in sorted({1, os.cpu_count() or 1}):
             peaks = {name: conv_peak(dtype, threads) for name, dtype in
                      (("float32", torch.float32), ("bfloat16", torch.bfloat16))}  # fmt: skip
-            for precision, channels_last in MODES:
+            for precision, channels_last, compile in MODES:
                 amp = "bf16" if precision == "bfloat16" else None
                 torch.set_num_threads(threads)
-                predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last)
+                predictor = mode_predictor(model, grid, amp, channels_last, compile)
                 batches = [cmu[i : i + 4] for i in range(0, len(cmu) - 3, 4)]
                 state = {"i": 0}
 
@@ -164,15 +171,17 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
                 base_rate.setdefault(threads, rate)
                 gflops = rate * flops_per_px / 1e3
                 torch.set_num_threads(1)
-                cmu_agree, gap = agreement(reference["cmu"], predictions(model, grid, cmu, amp, channels_last))
-                demo_agree, _ = agreement(reference["demo"], predictions(model, demo_grid, demo, amp, channels_last))
-                worst, whole_agree = tiled_vs_whole(model, region, amp, channels_last) if threads == 1 else (None, None)
-                record = {"precision": precision, "channels_last": channels_last, "threads": threads,
+                mode = (amp, channels_last, compile)
+                cmu_agree, gap = agreement(reference["cmu"], predictions(model, grid, cmu, *mode))
+                demo_agree, _ = agreement(reference["demo"], predictions(model, demo_grid, demo, *mode))
+                worst, whole_agree = tiled_vs_whole(model, region, *mode) if threads == 1 else (None, None)
+                record = {"precision": precision, "channels_last": channels_last, "compile": compile, "threads": threads,
                           "mpx_per_s": rate, "gflops": gflops, "peak_gflops": peaks[precision],
                           "agreement_cmu": cmu_agree, "agreement_demo": demo_agree, "median_gap": gap,
                           "tiled_vs_whole_max": worst, "tiled_vs_whole_agreement": whole_agree}  # fmt: skip
                 records.append(record)
-                rows.append([precision, "channels_last" if channels_last else "NCHW", threads, rate, gflops,
+                layout = ("channels_last" if channels_last else "NCHW") + (", torch.compile" if compile else "")
+                rows.append([precision, layout, threads, rate, gflops,
                              peaks[precision], gflops / peaks[precision], rate / base_rate[threads],
                              f"{100 * cmu_agree:.3f} %", f"{100 * demo_agree:.3f} %", gap if gap is not None else "–", worst if worst is not None else "(1 thread)",
                              whole_agree if whole_agree is not None else "(1 thread)"])  # fmt: skip

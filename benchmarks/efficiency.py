@@ -200,7 +200,7 @@ def precision_name(amp: str | None, device: str) -> str:
 
 def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, actors: int, forward_seconds: float,
         layouts: list[str] | None = None, amp: str | None = "auto",
-        reads: tuple[str, ...] = ("native",)) -> dict[str, Any]:  # fmt: skip
+        reads: tuple[str, ...] = ("native",), compile: bool = False) -> dict[str, Any]:  # fmt: skip
     """Each layout, with native reads and/or ``"resampled"`` ones (segmented at twice the slide's µm/px)."""
     import os
 
@@ -218,7 +218,7 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
             for read in reads:
                 target_mpp = 2 * mpp if read == "resampled" else None
                 records.append(measure(slide, model, workdir, label=f"{label}, {read}",
-                                       options=RayOptions(**overrides, amp=amp), num_cpus=num_cpus,
+                                       options=RayOptions(**overrides, amp=amp, compile=compile), num_cpus=num_cpus,
                                        tile_size=tile_size, forward_seconds=forward_seconds,
                                        target_mpp=target_mpp))  # fmt: skip
     finally:

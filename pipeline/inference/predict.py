@@ -92,9 +92,12 @@ class TilePredictor:
             if self.batch_size is None:
                 raise ValueError("compile=True needs a fixed batch_size (batches are padded to it)")
             mode = self.compile if isinstance(self.compile, str) else None
+            options = None
             if self.compile is True and self.device.type == "cuda":
                 mode = "reduce-overhead"
-            self._forward = torch.compile(self._step, mode=mode, dynamic=False)
+            elif self.compile is True:  # weights as constants, so inductor prepacks them for oneDNN (its CPU inference setting)
+                options = {"freezing": True}
+            self._forward = torch.compile(self._step, mode=mode, options=options, dynamic=False)
 
     @classmethod
     def for_grid(cls, model: torch.nn.Module, grid: TileGrid, **options) -> "TilePredictor":
