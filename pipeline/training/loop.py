@@ -183,8 +183,9 @@ def train_fn(config: dict[str, Any]) -> None:
         "train_images": data.train_names,
         "val_images": data.val_names,
         "recipe": {k: config[k] for k in ("optimizer", "lr", "momentum", "batch_size", "output_size", "weight_map",
-                                          "class_balance", "w0", "sigma", "elastic", "stain_jitter", "flips", "amp",
-                                          "boundary_width", "scale_range", "blur", "jpeg", "negative_fraction")},
+                                          "class_balance", "w0", "sigma", "contact_weight", "elastic", "stain_jitter",
+                                          "flips", "amp", "boundary_width", "scale_range", "blur", "jpeg",
+                                          "negative_fraction")},
         "negatives": [str(Path(regions).name) for _, regions in cfg.negatives],
         **instance_metadata(cfg),
     }  # fmt: skip
