@@ -85,8 +85,8 @@ def mode_predictor(model, grid, amp: str | None, channels_last: bool, compile: b
                                   batch_size=4)  # fmt: skip
 
 
-def predictions(model, grid, windows: np.ndarray, amp: str | None, channels_last: bool, compile: bool = False) -> np.ndarray:
-    predictor = mode_predictor(model, grid, amp, channels_last, compile)
+def predictions(predictor, windows: np.ndarray) -> np.ndarray:
+    """Logits of ``windows`` through ``predictor``, 4 at a time (the job's batch)."""
     return np.concatenate([predictor(windows[i : i + 4], return_logits=True)["logits"]
                            for i in range(0, len(windows), 4)])  # fmt: skip
 
@@ -99,15 +99,14 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float |
     return 1 - differ.mean(), float(np.median(gaps)) if gaps.size else None
 
 
-def tiled_vs_whole(model, region: np.ndarray, amp: str | None, channels_last: bool,
-                   compile: bool = False) -> tuple[float, float]:  # fmt: skip
+def tiled_vs_whole(model, region: np.ndarray, predictor, amp: str | None) -> tuple[float, float]:
+    """``predictor``'s tiles of ``region`` against one whole pass over it in the same precision ``amp``."""
     from pipeline.inference.predict import whole_image_logits
     from pipeline.inference.tile_batches import tiled_region_logits
     from pipeline.slides.geometry import tile_grid_for_model
     from pipeline.slides.sources import ArraySource
 
     grid = tile_grid_for_model(model, region.shape[:2], 256)
-    predictor = mode_predictor(model, grid, amp, channels_last, compile)
     tiled = tiled_region_logits(ArraySource(region), grid, predictor)
     whole = whole_image_logits(model, region, amp=amp)
     return float(np.abs(tiled - whole).max()), float((tiled.argmax(0) == whole.argmax(0)).mean())
@@ -143,15 +142,15 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
     saved = torch.get_num_threads()
     flops_per_px = flops_per_tile(model, model.valid_output_size(256)) / 256**2  # per kept px of the job's tile
     grid, cmu = tissue_windows(cmu_slide, model)
-    demo_grid, demo = tissue_windows(demo_slide, model, grid_side=2048)
+    _, demo = tissue_windows(demo_slide, model, grid_side=2048)
     from pipeline.slides.pyramid import open_slide
 
     region = open_slide(cmu_slide).read(800, 1824, 600, 1624)
     rows, records = [], []
     try:
         torch.set_num_threads(1)
-        reference = {"cmu": predictions(model, grid, cmu, None, False),
-                     "demo": predictions(model, demo_grid, demo, None, False)}  # fmt: skip
+        float32 = mode_predictor(model, grid, None, False)  # every grid here has the same tile geometry
+        reference = {"cmu": predictions(float32, cmu), "demo": predictions(float32, demo)}
         base_rate: dict[int, float] = {}
         for threads in sorted({1, os.cpu_count() or 1}):
             peaks = {name: conv_peak(dtype, threads) for name, dtype in
@@ -171,10 +170,9 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
                 base_rate.setdefault(threads, rate)
                 gflops = rate * flops_per_px / 1e3
                 torch.set_num_threads(1)
-                mode = (amp, channels_last, compile)
-                cmu_agree, gap = agreement(reference["cmu"], predictions(model, grid, cmu, *mode))
-                demo_agree, _ = agreement(reference["demo"], predictions(model, demo_grid, demo, *mode))
-                worst, whole_agree = tiled_vs_whole(model, region, *mode) if threads == 1 else (None, None)
+                cmu_agree, gap = agreement(reference["cmu"], predictions(predictor, cmu))
+                demo_agree, _ = agreement(reference["demo"], predictions(predictor, demo))
+                worst, whole_agree = tiled_vs_whole(model, region, predictor, amp) if threads == 1 else (None, None)
                 record = {"precision": precision, "channels_last": channels_last, "compile": compile, "threads": threads,
                           "mpx_per_s": rate, "gflops": gflops, "peak_gflops": peaks[precision],
                           "agreement_cmu": cmu_agree, "agreement_demo": demo_agree, "median_gap": gap,

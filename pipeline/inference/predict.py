@@ -95,8 +95,8 @@ class TilePredictor:
             options = None
             if self.compile is True and self.device.type == "cuda":
                 mode = "reduce-overhead"
-            elif self.compile is True:  # weights as constants, so inductor prepacks them for oneDNN (its CPU inference setting)
-                options = {"freezing": True}
+            elif self.compile is True:
+                options = {"freezing": True}  # weights as constants, prepacked for oneDNN: inductor's CPU inference setting
             self._forward = torch.compile(self._step, mode=mode, options=options, dynamic=False)
 
     @classmethod
