@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--boundary-width", type=int, default=default["boundary_width"],
                    help="instance labels: add a class for each object's rim of this many px, so the model separates "
                    "touching objects and the job writes instances (labels/nuclei); 0 = off")  # fmt: skip
+    g.add_argument("--contact-width", type=int, default=default["contact_width"],
+                   help="where objects touch, every object pixel within this many px of another object is boundary "
+                   "too (a wider parting line between touching objects only); 0 = as wide as --boundary-width")  # fmt: skip
+    g.add_argument("--core", type=float, default=default["core"],
+                   help="instance labels: interior only where a pixel is at least this share of its object's largest "
+                   "distance from the edge (its centre; the rest is boundary), so touching objects' seeds lie apart; 0 = off")  # fmt: skip
     g.add_argument("--mpp", type=float, default=None,
                    help="µm/px to train at and to record in the model; images with a known µm/px (--image-mpp) are "
                    "resampled to it")  # fmt: skip
@@ -224,8 +230,8 @@ def config_from_args(args: argparse.Namespace):
         data=list(args.data or []), val_data=list(args.val_data or []), val_files=list(args.val_files or []),
         val_split=args.val_split, slides=[list(s) for s in args.slide or []],
         val_slides=[list(s) for s in args.val_slide or []], negatives=[list(n) for n in args.negatives or []],
-        negative_fraction=args.negative_fraction, boundary_width=args.boundary_width, slide_level=args.slide_level,
-        val_tiles_per_slide=args.val_tiles_per_slide, label_mode=args.label_mode, num_classes=args.num_classes,
+        negative_fraction=args.negative_fraction, boundary_width=args.boundary_width, contact_width=args.contact_width,
+        core=args.core, slide_level=args.slide_level, val_tiles_per_slide=args.val_tiles_per_slide, label_mode=args.label_mode, num_classes=args.num_classes,
         mpp=args.mpp, image_mpp=image_mpp or {}, samples_per_epoch=args.samples_per_epoch,
         base_channels=args.base_channels, depth=args.depth, padding=args.padding, batch_norm=args.batch_norm,
         up_mode=args.up_mode, epochs=args.epochs, batch_size=args.batch_size, output_size=args.output_size,

@@ -15,7 +15,9 @@ from conftest import shared_file
 from pipeline.training import augment
 from pipeline.training.data import NegativePatchSource, PatchDataset, PatchGeometry, SampleSpec
 from pipeline.training.hard_negatives import load_hard_negatives
-from pipeline.training.files import split_boundaries, to_classes
+from pipeline.analysis.instances import InstanceRule, label_instances
+from pipeline.training.files import Rim, split_boundaries, to_classes
+from pipeline.training.metrics import instance_scores
 
 REPO = Path(__file__).resolve().parents[1]
 NEGATIVES = REPO / "models" / "hard-negatives.json"
@@ -36,8 +38,60 @@ def test_boundary_targets_part_touching_nuclei_and_keep_a_seed_for_every_nucleus
     assert (classes[3:9, 3:9] == 1).all() and (classes[3:9, 11:17] == 1).all()
     assert classes[5, 19] == 1  # the last non-empty erosion of a small nucleus stays its seed
     assert np.array_equal(classes > 0, ids > 0)
-    assert np.array_equal(to_classes(ids, "instances", 3, 1), classes)
+    assert np.array_equal(to_classes(ids, "instances", 3, Rim(1)), classes)
     assert np.array_equal(to_classes(ids, "instances", 2), (ids > 0).astype(np.int64))  # width 0: as before
+
+
+def test_contact_width_widens_the_parting_line_only_where_nuclei_touch():
+    ids = np.zeros((12, 24), np.int32)
+    ids[2:10, 2:10] = 1
+    ids[2:10, 10:18] = 2  # touches object 1 along a column
+    ids[4:7, 18:21] = 3  # 3 x 3, touching object 2: the band would swallow its whole interior
+    classes = split_boundaries(ids, 1, contact=2)
+    assert (classes[2:10, 8:12] == 2).all()  # 2 px of each side of the shared edge are boundary
+    assert (classes[3:9, 3:8] == 1).all() and (classes[3:9, 12:16] == 1).all()  # elsewhere the 1 px rim only
+    assert np.array_equal(classes[:, 2:8], split_boundaries(ids, 1)[:, 2:8])  # object 1's far side is unchanged
+    assert (classes[ids == 3] == 1).sum() >= 1  # every nucleus keeps a seed
+    assert np.array_equal(classes > 0, ids > 0)
+    assert np.array_equal(to_classes(ids, "instances", 3, Rim(1, 2)), classes)
+    assert np.array_equal(split_boundaries(ids, 1, contact=1), split_boundaries(ids, 1))  # as wide as the rim: no change
+    with pytest.raises(ValueError, match="needs a boundary width"):
+        Rim(0, 2)
+
+
+def test_core_targets_keep_each_nucleus_centre_as_its_seed_and_part_touching_ones_by_their_size():
+    yy, xx = np.mgrid[:40, :60]
+    ids = np.zeros((40, 60), np.int32)
+    ids[(yy - 20) ** 2 + (xx - 18) ** 2 <= 100] = 1  # radius 10
+    ids[((yy - 20) ** 2 + (xx - 36) ** 2 <= 64) & (ids == 0)] = 2  # radius 8, overlapping object 1: a long contact
+    ids[3, 55] = 3  # one pixel
+    classes = split_boundaries(ids, 1, core=0.5)
+    for k, (cy, cx) in {1: (20, 18), 2: (20, 36)}.items():
+        assert classes[cy, cx] == 1 and 0.1 < (classes[ids == k] == 1).mean() < 0.5  # the centre, a share of the area
+    from scipy import ndimage
+
+    labels, count = ndimage.label(classes == 1)
+    assert count == 3  # one seed each: the two discs' seeds are apart, the one-pixel object keeps itself
+    gap = np.abs(np.subtract.outer(*[np.argwhere((classes == 1) & (ids == k))[:, 1] for k in (1, 2)])).min()
+    assert gap >= 4  # touching nuclei's seeds lie apart by part of their size, not by a 1 px line
+    assert np.array_equal(classes > 0, ids > 0)
+    assert np.array_equal(to_classes(ids, "instances", 3, Rim(1, 0, 0.5)), classes)
+    rule = InstanceRule(seed_class=1, grow_classes=(2,), grow_steps=Rim(1, 0, 0.5).reach + 1)
+    regrown = label_instances(classes.astype(np.uint8), rule)
+    assert instance_scores(ids, regrown).aji > 0.9  # growing the seeds back gives the objects again
+    with pytest.raises(ValueError, match="core must lie in"):
+        Rim(1, 0, 1.0)
+
+
+def test_instance_rule_of_a_trained_model_grows_seeds_across_the_widest_boundary():
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.loop import instance_metadata
+
+    rule = lambda **kw: InstanceRule.from_dict(instance_metadata(TrainConfig(data=["d"], **kw))["instances"])
+    assert rule(boundary_width=1).grow_steps == 2
+    assert rule(boundary_width=1, contact_width=2).grow_steps == 3
+    assert rule(boundary_width=1, core=0.4).grow_steps == 7  # a core's rim widens with the nucleus
+    assert instance_metadata(TrainConfig(data=["d"])) == {}
 
 
 @pytest.mark.parametrize("read", [90, 160])
@@ -113,7 +167,7 @@ class _Disk:
 def test_hard_negatives_get_their_share_of_the_patches():
     negative = _Disk()
     negative.negative, negative.area = True, 100
-    spec = SampleSpec("instances", 3, border=False, flips=False, intensity_jitter=False, boundary_width=1)
+    spec = SampleSpec("instances", 3, border=False, flips=False, intensity_jitter=False, rim=Rim(1))
     dataset = PatchDataset([_Disk(), _Disk(), negative], PatchGeometry(20, 20, 0), spec, negative_fraction=0.2)
     assert np.isclose(dataset.probabilities[2], 0.2) and np.isclose(dataset.probabilities[:2].sum(), 0.8)
     assert len(dataset) == 10  # the positives' 8 tiles once, plus the negatives' share

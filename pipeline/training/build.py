@@ -77,7 +77,7 @@ def build_data(cfg: TrainConfig) -> TrainingData:
     weights = None
     if cfg.class_balance:
         labels = [r.label for r in train_records] + [s.label for s in slides]
-        counts = class_counts(labels, label_mode, num_classes, boundary_width=cfg.boundary_width)
+        counts = class_counts(labels, label_mode, num_classes, rim=cfg.rim)
         if cfg.boundary_width:  # the rim is the object's edge: balanced as its own (rarer) class, a missed rim pixel
             # would cost far more than a false one outside, and predicted nuclei would swell
             background, objects = class_balance_weights(np.array([counts[0], counts[1:].sum()]))
@@ -120,7 +120,7 @@ def build_dataset(cfg: TrainConfig, data: TrainingData, model: UNet) -> PatchDat
         label_mode=data.label_mode, num_classes=data.num_classes, class_weights=data.class_weights,
         border=cfg.weight_map, w0=cfg.w0, sigma=cfg.sigma, contact_weight=cfg.contact_weight, flips=cfg.flips, elastic=cfg.elastic,
         elastic_grid=cfg.elastic_grid, elastic_sigma=cfg.elastic_sigma, stain_jitter=cfg.stain_jitter,
-        intensity_jitter=cfg.intensity_jitter, boundary_width=cfg.boundary_width, scale_range=cfg.scale_range,
+        intensity_jitter=cfg.intensity_jitter, rim=cfg.rim, scale_range=cfg.scale_range,
         blur=cfg.blur, jpeg=cfg.jpeg,
     )  # fmt: skip
     return PatchDataset(data.train_sources, geometry, spec, cfg.samples_per_epoch, cfg.seed, cfg.negative_fraction)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from pipeline.training.files import Rim
+
 # metric name -> "min" or "max" (what counts as better)
 # ("epoch": the last epoch is the best, so no held-out image chooses the model: cross-validation uses it)
 METRIC_MODES = {"epoch": "max", "val_dice": "max", "val_rand_error": "min", "val_pixel_error": "min", "val_loss": "min", "train_loss": "min"}
@@ -26,6 +28,8 @@ class TrainConfig:
     label_mode: str = "auto"  # auto | binary | classes | instances
     num_classes: int | None = None  # default: from the labels (2 for binary/instances, 3 with boundary_width)
     boundary_width: int = 0  # instance labels: > 0 adds a class for each object's rim of this many px
+    contact_width: int = 0  # ... and, where objects touch, for every object pixel this close to another object
+    core: float = 0.0  # ... and for pixels nearer the edge than this share of the object's inner radius
     mpp: float | None = None  # µm/px to train at (images with a known µm/px are resampled to it)
     image_mpp: dict[str, float] = field(default_factory=dict)  # {filename glob: µm/px}
     samples_per_epoch: int | None = None  # default: tiles needed to cover the training images once
@@ -87,13 +91,17 @@ class TrainConfig:
             raise ValueError("no training data: give at least one data folder or slide")
         if not 0 <= self.negative_fraction < 1:
             raise ValueError(f"negative_fraction must lie in [0, 1), got {self.negative_fraction}")
-        if self.boundary_width < 0:
-            raise ValueError(f"boundary_width must be >= 0, got {self.boundary_width}")
+        self.rim  # validates boundary_width and contact_width
         self.scale_range = tuple(self.scale_range) if self.scale_range else None
         self.jpeg = tuple(self.jpeg) if self.jpeg else None
         self.negatives = [list(pair) for pair in self.negatives]
         self.slides = [list(pair) for pair in self.slides]
         self.val_slides = [list(pair) for pair in self.val_slides]
+
+    @property
+    def rim(self) -> Rim:
+        """The boundary class's geometry (:class:`~pipeline.training.files.Rim`)."""
+        return Rim(self.boundary_width, self.contact_width, self.core)
 
     @property
     def learning_rate(self) -> float:

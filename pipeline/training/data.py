@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.slides.sources import read_region, read_window
 from pipeline.training import augment
-from pipeline.training.files import ImageRecord, read_label, to_classes, to_instances
+from pipeline.training.files import ImageRecord, Rim, read_label, to_classes, to_instances
 from pipeline.training.weights import weight_map
 
 
@@ -62,7 +62,7 @@ class SampleSpec:
     elastic_sigma: float = 10.0
     stain_jitter: bool = False
     intensity_jitter: bool = True
-    boundary_width: int = 0
+    rim: Rim = Rim()
     scale_range: tuple[float, float] | None = None
     blur: float = 0.0
     jpeg: tuple[int, int] | None = None
@@ -105,7 +105,7 @@ def cut_sample(
         pixels = np.clip(pixels, 0.0, 1.0)
     else:
         pixels = pixels[m : m + size_in, m : m + size_in]
-    classes = to_classes(raw, spec.label_mode, spec.num_classes, spec.boundary_width)
+    classes = to_classes(raw, spec.label_mode, spec.num_classes, spec.rim)
     # border weights need every object within 6 sigma of the output: compute them on that region only
     start = m + halo
     reach = min(start, math.ceil(6 * spec.sigma)) if spec.border else 0
@@ -311,13 +311,13 @@ class EpochSampler(Sampler[int]):
 
 
 def class_counts(labels: list[Any], label_mode: str, num_classes: int, max_pixels: int = 1 << 22,
-                 boundary_width: int = 0) -> np.ndarray:  # fmt: skip
+                 rim: Rim = Rim()) -> np.ndarray:  # fmt: skip
     """Pixels per class over label images (large array-likes are subsampled on a regular grid)."""
     counts = np.zeros(num_classes, dtype=np.int64)
     for label in labels:
         step = max(1, int(math.sqrt(label.shape[0] * label.shape[1] / max_pixels)))
-        width = boundary_width if step == 1 else 0  # a subsampled image has no rim to measure
-        classes = to_classes(np.asarray(label[::step, ::step]), label_mode, num_classes, width)
+        classes = to_classes(np.asarray(label[::step, ::step]), label_mode, num_classes,
+                             rim if step == 1 else Rim())  # a subsampled image has no rim to measure
         counts += np.bincount(classes.ravel(), minlength=num_classes)[:num_classes]
     return counts
 

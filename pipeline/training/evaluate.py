@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from pipeline.inference.predict import TilePredictor
 from pipeline.inference.tile_batches import tiled_region_logits
 from pipeline.slides.geometry import tile_grid_for_model
-from pipeline.training.files import to_classes
+from pipeline.training.files import Rim, to_classes
 from pipeline.training.metrics import MetricTotals
 
 
@@ -63,7 +63,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-    boundary_width: int = 0,
+    rim: Rim = Rim(),
 ) -> MetricTotals:
     """Metric sums over ``items`` (pixel error, Dice, Rand error and unweighted cross-entropy)."""
     totals = MetricTotals()
@@ -74,7 +74,7 @@ def evaluate(
             logits = predict_region(model, item.image, item.box, tile_size, 4, device, amp_dtype, channels_last)
             y0, x0, h, w = item.box
             raw = np.asarray(item.label[y0 : y0 + h, x0 : x0 + w])
-            truth = to_classes(raw, label_mode, model.num_classes, boundary_width)
+            truth = to_classes(raw, label_mode, model.num_classes, rim)
             pred = logits.argmax(0)
             totals.add(truth, pred, raw.astype(np.int64) if label_mode == "instances" else None)
             loss = F.cross_entropy(torch.from_numpy(logits)[None], torch.from_numpy(truth)[None], reduction="sum")

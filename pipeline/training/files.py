@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,14 +125,41 @@ def detect_label_mode(labels: list[np.ndarray]) -> str:
     return "binary" if len(values - {0}) <= 1 else "classes"
 
 
-def to_classes(label: np.ndarray, mode: str, num_classes: int, boundary_width: int = 0) -> np.ndarray:
-    """Class index per pixel (int64) from a raw label image under ``mode``.
+@dataclass(frozen=True)
+class Rim:
+    """How instance labels become three classes, 0 background, 1 interior, 2 boundary (:func:`split_boundaries`),
+    so that a model learns where touching objects part: each object's own edge ``width`` px wide and, where
+    objects touch, every object pixel within ``contact`` px of another object (a wider parting line there only;
+    0: as wide as the rest); with ``core`` > 0, also every pixel nearer an edge than ``core`` times the object's
+    largest distance from its edge (a meeting edge with another object counts as edge), so that the interior is
+    the nucleus's centre and touching nuclei's interiors lie apart by a share of their size. ``width`` 0: no
+    boundary class."""
 
-    ``boundary_width`` > 0 (instance labels only): three classes, 0 background, 1 object interior, 2 the
-    object's rim of that many px (:func:`split_boundaries`), so that a model learns where touching objects part.
-    """
-    if mode == "instances" and boundary_width > 0:
-        return split_boundaries(label, boundary_width)
+    width: int = 0
+    contact: int = 0
+    core: float = 0.0
+
+    # seeds grow back over a core's rim: core x the inner radius of the largest nucleus (px) that must be covered
+    LARGEST_RADIUS = 15  # 30 px = 15 µm across at 0.5 µm/px
+
+    def __post_init__(self) -> None:
+        if self.width < 0 or self.contact < 0 or ((self.contact or self.core) and not self.width):
+            raise ValueError(f"boundary width and contact width must be >= 0, and a contact width or core needs a "
+                             f"boundary width, got {self.width}, {self.contact} and {self.core}")  # fmt: skip
+        if not 0 <= self.core < 1:
+            raise ValueError(f"core must lie in [0, 1) (a share of each object's inner radius), got {self.core}")
+
+    @property
+    def reach(self) -> int:
+        """The widest boundary an object may have: how far seeds must grow to cover it again."""
+        return max(self.width, self.contact, math.ceil(self.core * self.LARGEST_RADIUS))
+
+
+def to_classes(label: np.ndarray, mode: str, num_classes: int, rim: Rim = Rim()) -> np.ndarray:
+    """Class index per pixel (int64) from a raw label image under ``mode``; a ``rim`` with a width (instance
+    labels only) gives the three classes of :class:`Rim`."""
+    if mode == "instances" and rim.width > 0:
+        return split_boundaries(label, rim.width, rim.contact, rim.core)
     if mode in ("binary", "instances"):
         return (np.asarray(label) > 0).astype(np.int64)
     if mode == "classes":
@@ -142,12 +170,16 @@ def to_classes(label: np.ndarray, mode: str, num_classes: int, boundary_width: i
     raise ValueError(f"label mode must be one of {LABEL_MODES[1:]}, got {mode!r}")
 
 
-def split_boundaries(instances: np.ndarray, width: int) -> np.ndarray:
+def split_boundaries(instances: np.ndarray, width: int, contact: int = 0, core: float = 0.0) -> np.ndarray:
     """0 background, 1 interior, 2 boundary: an object's pixels within ``width`` erosions (3 x 3, per object)
-    of a pixel that is not the same object. An object too small to keep an interior keeps the pixels of its
-    last non-empty erosion as interior, so every object has a seed. Outside the array counts as the same object
-    (a patch edge is not an object edge)."""
+    of a pixel that is not the same object, within ``contact`` px of another object, and (``core`` > 0) nearer
+    its edge than ``core`` x its largest distance from the edge (Euclidean; edges with background or another
+    object). An object too small to keep an interior keeps the pixels it had before the step that emptied it,
+    so every object has a seed. Outside the array counts as the same object (a patch edge is not an object
+    edge)."""
     from scipy import ndimage
+
+    from pipeline.training.weights import contact_pixels
 
     ids = np.asarray(instances).astype(np.int64)
     interior = ids.copy()
@@ -160,9 +192,25 @@ def split_boundaries(instances: np.ndarray, width: int) -> np.ndarray:
             keep = np.isin(interior, vanished[vanished > 0])
             eroded[keep] = interior[keep]
         interior = eroded
+    if contact > width:
+        interior = _keep_seeds(interior, np.where(contact_pixels(ids, contact), 0, interior))
+    if core > 0:
+        depth = ndimage.distance_transform_edt((ids > 0) & ~contact_pixels(ids))
+        objects = np.unique(ids[ids > 0])
+        deepest = np.zeros(int(ids.max(initial=0)) + 1)
+        deepest[objects] = ndimage.maximum(depth, ids, objects)
+        interior = _keep_seeds(interior, np.where(depth >= core * deepest[ids], interior, 0))
     classes = np.where(ids > 0, 2, 0)
     classes[interior > 0] = 1
     return classes
+
+
+def _keep_seeds(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """``after`` (object ids of a shrunken interior), with every object it emptied restored as it was ``before``."""
+    vanished = np.setdiff1d(np.unique(before), np.unique(after))
+    keep = np.isin(before, vanished[vanished > 0])
+    after[keep] = before[keep]
+    return after
 
 
 def to_instances(label: np.ndarray, mode: str, classes: np.ndarray | None = None) -> np.ndarray:

@@ -108,7 +108,7 @@ def instance_metadata(cfg: TrainConfig) -> dict[str, Any]:
         return {}
     from pipeline.analysis.instances import InstanceRule
 
-    return {"instances": InstanceRule(seed_class=1, grow_classes=(2,), grow_steps=cfg.boundary_width + 1).to_dict()}
+    return {"instances": InstanceRule(seed_class=1, grow_classes=(2,), grow_steps=cfg.rim.reach + 1).to_dict()}
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -184,7 +184,7 @@ def train_fn(config: dict[str, Any]) -> None:
         "val_images": data.val_names,
         "recipe": {k: config[k] for k in ("optimizer", "lr", "momentum", "batch_size", "output_size", "weight_map",
                                           "class_balance", "w0", "sigma", "contact_weight", "elastic", "stain_jitter",
-                                          "flips", "amp", "boundary_width", "scale_range", "blur", "jpeg",
+                                          "flips", "amp", "boundary_width", "contact_width", "core", "scale_range", "blur", "jpeg",
                                           "negative_fraction")},
         "negatives": [str(Path(regions).name) for _, regions in cfg.negatives],
         **instance_metadata(cfg),
@@ -221,7 +221,7 @@ def train_fn(config: dict[str, Any]) -> None:
         totals = MetricTotals()
         if validate:
             totals = evaluate(net, my_val, data.label_mode, cfg.val_tile, device, amp_dtype, channels_last,
-                              cfg.boundary_width)
+                              cfg.rim)
         summed = _all_reduce(np.concatenate([totals.as_vector(), [loss_sum, steps, samples]]), device)
         val = MetricTotals.from_vector(summed[:-3]).summary() if summed[6] > 0 else {}
         metrics: dict[str, Any] = {

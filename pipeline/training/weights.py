@@ -83,14 +83,16 @@ def nearest_two_distances(instances: np.ndarray, cutoff: float | None = None) ->
     return d1, d2
 
 
-def contact_pixels(instances: np.ndarray) -> np.ndarray:
-    """Object pixels with an 8-neighbour of another object (pixels beyond the array do not count): a larger id
-    among the neighbours shows in the 3 x 3 maximum, a smaller one in the 3 x 3 minimum over objects only
-    (the test :func:`pipeline.training.files.split_boundaries` makes with background counted)."""
+def contact_pixels(instances: np.ndarray, reach: int = 1) -> np.ndarray:
+    """Object pixels with a pixel of another object within Chebyshev distance ``reach`` (1: an 8-neighbour;
+    pixels beyond the array do not count): a larger id nearby shows in the window's maximum, a smaller one in
+    its minimum over objects only (the test :func:`pipeline.training.files.split_boundaries` makes with
+    background counted)."""
     ids = np.asarray(instances).astype(np.int64)
-    larger = ndimage.grey_dilation(ids, size=3, mode="nearest")
+    size = 2 * reach + 1
+    larger = ndimage.grey_dilation(ids, size=size, mode="nearest")
     beyond = ids.max(initial=0) + 1  # background as an id above all (not int64's max: ndimage overflows there)
-    smaller = ndimage.grey_erosion(np.where(ids > 0, ids, beyond), size=3, mode="nearest")
+    smaller = ndimage.grey_erosion(np.where(ids > 0, ids, beyond), size=size, mode="nearest")
     return (ids > 0) & ((larger != ids) | (smaller != ids))
 
 
