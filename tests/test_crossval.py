@@ -174,3 +174,24 @@ def test_baselines_find_nuclei_on_a_real_image():
         found[name] = int(ids.max())
         assert instance_scores(item.truth, ids).dice > 0.5
     assert found["watershed"] >= found["otsu"]  # the watershed only splits
+
+
+@pytest.mark.parametrize("rim", [dict(boundary_width=1), dict(boundary_width=1, contact_width=2),
+                                 dict(boundary_width=1, core=0.4)], ids=["rim", "contact-band", "core"])  # fmt: skip
+def test_training_targets_give_the_annotated_nuclei_back_through_the_models_instance_rule(rim):
+    """The ceiling of a target form: the true instances cut into interior and boundary classes as training cuts
+    them, then turned back into instances by the rule training writes into the model, on all 12 real images."""
+    from pipeline.analysis.instances import InstanceRule, label_instances
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.crossval import load_eval_images
+    from pipeline.training.files import to_classes
+    from pipeline.training.loop import instance_metadata
+    from pipeline.training.metrics import InstanceScores, instance_scores
+
+    folder = shared_file("nuclei/images/image01.png").parents[1]
+    cfg = TrainConfig(data=[str(folder)], **rim)
+    rule = InstanceRule.from_dict(instance_metadata(cfg)["instances"])
+    scores = [instance_scores(item.truth, label_instances(to_classes(item.truth, "instances", 3, cfg.rim).astype(np.uint8), rule))
+              for item in load_eval_images(folder, job.NUCLEI_MPP)]  # fmt: skip
+    pooled = InstanceScores.pooled(scores)
+    assert len(scores) == 12 and pooled.dice > 0.99 and pooled.aji > 0.95 and pooled.objects.f1 > 0.95

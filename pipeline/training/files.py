@@ -186,12 +186,7 @@ def split_boundaries(instances: np.ndarray, width: int, contact: int = 0, core: 
     for _ in range(width):
         low = ndimage.grey_erosion(interior, size=3, mode="nearest")
         high = ndimage.grey_dilation(interior, size=3, mode="nearest")
-        eroded = np.where((low == interior) & (high == interior), interior, 0)
-        vanished = np.setdiff1d(np.unique(interior), np.unique(eroded))
-        if len(vanished):  # objects with no pixel left keep this step's interior
-            keep = np.isin(interior, vanished[vanished > 0])
-            eroded[keep] = interior[keep]
-        interior = eroded
+        interior = _keep_seeds(interior, np.where((low == interior) & (high == interior), interior, 0))
     if contact > width:
         interior = _keep_seeds(interior, np.where(contact_pixels(ids, contact), 0, interior))
     if core > 0:
