@@ -72,6 +72,16 @@ def requested_epochs(train_args: list[str]) -> int | None:
     return PRESETS["nuclei"].get("epochs", TrainConfig.__dataclass_fields__["epochs"].default)
 
 
+def requested_recipe(train_args: list[str], storage_path: str) -> dict:
+    """The recipe the folds' cards must record: the preset with the user's training options, as training parses them."""
+    import train_unet
+
+    from pipeline.training.crossval import Fold, fold_train_args
+    from pipeline.training.loop import recipe_of
+
+    return recipe_of(train_unet.config_from_args(train_unet.parse_args(fold_train_args(Fold(0, ("-",)), storage_path, train_args))))
+
+
 def main(argv: list[str] | None = None, train: Callable[[list[str]], object] | None = None) -> dict:
     """Run, write and print; ``train`` replaces train_unet.main (tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None, train: Callable[[list[str]], object] | N
 
             train = train_unet.main
         cv = crossval.CrossValidation(Path(args.data), NUCLEI_MPP, Path(args.storage_path), args.folds, args.tile_size,
-                                      args.device, train_args)  # fmt: skip
+                                      args.device, train_args, requested_recipe(train_args, args.storage_path))  # fmt: skip
         runs = cv.run(None if args.no_train else train, requested_epochs(train_args), args.fold)
     results = results if results is not None else [r for run in runs for r in run.results]
 

@@ -75,8 +75,9 @@ def tiny_data(tmp_path) -> Path:
     return tmp_path
 
 
-def fake_trainer(calls: list, leak: bool = False):
-    """Stands in for train_unet.main: writes the fold's best-model.pt (an untrained tiny U-Net) as epoch 0."""
+def fake_trainer(calls: list, leak: bool = False, record_recipe: bool = False):
+    """Stands in for train_unet.main: writes the fold's best-model.pt (an untrained tiny U-Net) as epoch 0, and with
+    ``record_recipe`` the recipe training would record for these arguments."""
 
     def train(args: list[str]) -> None:
         calls.append(args)
@@ -84,8 +85,15 @@ def fake_trainer(calls: list, leak: bool = False):
         run = Path(args[args.index("--storage-path") + 1]) / args[args.index("--name") + 1]
         run.mkdir(parents=True, exist_ok=True)
         train_images = [s for s in ("image01", "image08") if leak or s not in held]
+        recipe = {}
+        if record_recipe:
+            import train_unet
+
+            from pipeline.training.loop import recipe_of
+
+            recipe = {"recipe": recipe_of(train_unet.config_from_args(train_unet.parse_args(args)))}
         save_model(varied_unet(num_classes=2), run / "best-model.pt", class_names=["background", "nucleus"], mpp=0.5,
-                   epoch=0, train_images=train_images)  # fmt: skip
+                   epoch=0, train_images=train_images, **recipe)  # fmt: skip
 
     return train
 
@@ -129,6 +137,18 @@ def test_cross_validation_end_to_end_then_skips_trained_folds(tiny_data, capsys)
     quick = ["--figures", "0", "--hard-negatives", str(tiny_data / "absent.json")]  # argparse: the last one wins
     again = job.main([*common(tiny_data), "--epochs", "1", "--fold", "1", *quick], train=refuse)
     assert [r["trained_now"] for r in again["runs"]] == [False]
+
+
+def test_fold_runs_of_another_recipe_are_refused_not_scored_as_this_one(tiny_data):
+    def refuse(args):
+        raise AssertionError("a trained fold was trained again")
+
+    quick = ["--epochs", "1", "--figures", "0", "--hard-negatives", str(tiny_data / "absent.json")]
+    job.main([*common(tiny_data), *quick], train=fake_trainer([], record_recipe=True))
+    again = job.main([*common(tiny_data), *quick], train=refuse)  # the same recipe: the trained folds are reused
+    assert [r["trained_now"] for r in again["runs"]] == [False, False]
+    with pytest.raises(ValueError, match=r"cv-fold-0: its model was trained with core=0.0 \(asked: 0.4\)"):
+        job.main([*common(tiny_data), *quick, "--core", "0.4"], train=refuse)
 
 
 def test_a_fold_model_that_saw_its_held_out_images_is_refused(tiny_data):

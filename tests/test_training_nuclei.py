@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import shared_file
+from pipeline.analysis.instances import InstanceRule, label_instances
 from pipeline.training import augment
 from pipeline.training.data import NegativePatchSource, PatchDataset, PatchGeometry, SampleSpec
-from pipeline.training.hard_negatives import load_hard_negatives
-from pipeline.analysis.instances import InstanceRule, label_instances
 from pipeline.training.files import Rim, split_boundaries, to_classes
+from pipeline.training.hard_negatives import load_hard_negatives
 from pipeline.training.metrics import instance_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,6 @@ def test_contact_width_widens_the_parting_line_only_where_nuclei_touch():
     assert (classes[ids == 3] == 1).sum() >= 1  # every nucleus keeps a seed
     assert np.array_equal(classes > 0, ids > 0)
     assert np.array_equal(to_classes(ids, "instances", 3, Rim(1, 2)), classes)
-    assert np.array_equal(split_boundaries(ids, 1, contact=1), split_boundaries(ids, 1))  # as wide as the rim: no change
     with pytest.raises(ValueError, match="needs a boundary width"):
         Rim(0, 2)
 
@@ -70,7 +69,7 @@ def test_core_targets_keep_each_nucleus_centre_as_its_seed_and_part_touching_one
         assert classes[cy, cx] == 1 and 0.1 < (classes[ids == k] == 1).mean() < 0.5  # the centre, a share of the area
     from scipy import ndimage
 
-    labels, count = ndimage.label(classes == 1)
+    _, count = ndimage.label(classes == 1)
     assert count == 3  # one seed each: the two discs' seeds are apart, the one-pixel object keeps itself
     gap = np.abs(np.subtract.outer(*[np.argwhere((classes == 1) & (ids == k))[:, 1] for k in (1, 2)])).min()
     assert gap >= 4  # touching nuclei's seeds lie apart by part of their size, not by a 1 px line
@@ -84,14 +83,29 @@ def test_core_targets_keep_each_nucleus_centre_as_its_seed_and_part_touching_one
 
 
 def test_instance_rule_of_a_trained_model_grows_seeds_across_the_widest_boundary():
+    from dataclasses import replace
+
     from pipeline.training.config import TrainConfig
     from pipeline.training.loop import instance_metadata
 
-    rule = lambda **kw: InstanceRule.from_dict(instance_metadata(TrainConfig(data=["d"], **kw))["instances"])
-    assert rule(boundary_width=1).grow_steps == 2
-    assert rule(boundary_width=1, contact_width=2).grow_steps == 3
-    assert rule(boundary_width=1, core=0.4).grow_steps == 7  # a core's rim widens with the nucleus
+    yy, xx = np.mgrid[:80, :90]
+    ids = np.zeros((80, 90), np.int32)
+    ids[(yy - 40) ** 2 + (xx - 30) ** 2 <= 25**2] = 7  # deeper than Rim.LARGEST_RADIUS
+    ids[((yy - 40) ** 2 + (xx - 60) ** 2 <= 6**2) & (ids == 0)] = 3  # a small one touching it
+    ids[2:9, 80:87] = 900_000  # a large id: tables are indexed by rank
+    for rim in (dict(boundary_width=1), dict(boundary_width=1, contact_width=2), dict(boundary_width=1, core=0.4),
+                dict(boundary_width=2, contact_width=3, core=0.6)):  # fmt: skip
+        cfg = TrainConfig(data=["d"], **rim)
+        rule = InstanceRule.from_dict(instance_metadata(cfg)["instances"])
+        assert rule.grow_steps == cfg.rim.reach + 1
+        classes = to_classes(ids, "instances", 3, cfg.rim).astype(np.uint8)
+        regrown = label_instances(classes, rule)
+        assert np.array_equal(regrown > 0, ids > 0), rim  # the growth covers every boundary the targets can have
+        assert np.array_equal(regrown, label_instances(classes, replace(rule, grow_steps=100))), rim
+        assert regrown.max() == 3
     assert instance_metadata(TrainConfig(data=["d"])) == {}
+    whole = np.full((10, 10), 5)  # one object and no edge in the array: no core to cut
+    assert (split_boundaries(whole, 1, core=0.5) == 1).all()
 
 
 @pytest.mark.parametrize("read", [90, 160])

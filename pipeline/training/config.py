@@ -91,7 +91,7 @@ class TrainConfig:
             raise ValueError("no training data: give at least one data folder or slide")
         if not 0 <= self.negative_fraction < 1:
             raise ValueError(f"negative_fraction must lie in [0, 1), got {self.negative_fraction}")
-        self.rim  # validates boundary_width, contact_width and core
+        _ = self.rim  # validates boundary_width, contact_width and core
         self.scale_range = tuple(self.scale_range) if self.scale_range else None
         self.jpeg = tuple(self.jpeg) if self.jpeg else None
         self.negatives = [list(pair) for pair in self.negatives]

