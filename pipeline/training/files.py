@@ -194,16 +194,28 @@ def split_boundaries(instances: np.ndarray, width: int, contact: int = 0, core: 
         interior = _keep_seeds(interior, np.where((low == interior) & (high == interior), interior, 0))
     if contact > width:
         interior = _keep_seeds(interior, np.where(contact_pixels(ids, contact), 0, interior))
-    inside = (ids > 0) & ~contact_pixels(ids)
-    if core > 0 and not inside.all():  # (all inside: no edge in the array to measure from)
-        depth = ndimage.distance_transform_edt(inside)
-        objects, rank = np.unique(ids, return_inverse=True)  # ranks, not ids, index the table: ids may be huge
-        deepest = np.asarray(ndimage.maximum(depth, rank.reshape(ids.shape), np.arange(len(objects))), dtype=float)
-        radius = np.minimum(deepest, Rim.LARGEST_RADIUS)[rank.reshape(ids.shape)]
-        interior = _keep_seeds(interior, np.where(depth >= core * radius, interior, 0))
+    if core > 0:
+        interior = _keep_seeds(interior, np.where(_core_pixels(ids, core), interior, 0))
     classes = np.where(ids > 0, 2, 0)
     classes[interior > 0] = 1
     return classes
+
+
+def _core_pixels(ids: np.ndarray, core: float) -> np.ndarray:
+    """Object pixels at least ``core`` x their object's largest distance from an edge (background or another
+    object), that distance counted up to :attr:`Rim.LARGEST_RADIUS`; all pixels when the array has no edge."""
+    from scipy import ndimage
+
+    from pipeline.training.weights import contact_pixels
+
+    inside = (ids > 0) & ~contact_pixels(ids)
+    if inside.all():
+        return inside
+    depth = ndimage.distance_transform_edt(inside)
+    objects, rank = np.unique(ids, return_inverse=True)  # ranks, not ids, index the table: ids may be huge
+    rank = rank.reshape(ids.shape)
+    deepest = np.asarray(ndimage.maximum(depth, rank, np.arange(len(objects))), dtype=float)
+    return depth >= core * np.minimum(deepest, Rim.LARGEST_RADIUS)[rank]
 
 
 def _keep_seeds(before: np.ndarray, after: np.ndarray) -> np.ndarray:
