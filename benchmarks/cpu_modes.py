@@ -34,8 +34,9 @@ COLUMNS = ["precision", "layout", "threads", "forward Mpx/s", "GFLOP/s", "peak G
            "× float32 NCHW", "argmax = float32 (cmu-1)", "argmax = float32 (synthetic)", "differing px: median top-2 gap",
            "tiled vs whole: max |Δ logit|", "tiled vs whole: argmax agreement"]  # fmt: skip
 READ_COLUMNS = ["read", "ms per 348² window", "output Mpx/s", "× native read of the same base area"]
-MODES = [("float32", False, False), ("float32", True, False), ("bfloat16", False, False), ("bfloat16", True, False),
-         ("bfloat16", True, True)]  # (precision, channels_last, compile)
+MODES = [("float32", False, False, 1), ("float32", True, False, 1), ("bfloat16", False, False, 1),
+         ("bfloat16", True, False, 1), ("bfloat16", True, True, 1), ("float32", True, False, 2), ("bfloat16", True, False, 2),
+         ("bfloat16", True, True, 2)]  # (precision, channels_last, compile, tiles per side of a forward window)
 
 
 def conv_peak(dtype: torch.dtype, threads: int, seconds: float = 2.0) -> float:
@@ -60,10 +61,14 @@ def conv_peak(dtype: torch.dtype, threads: int, seconds: float = 2.0) -> float:
     return best
 
 
-def tissue_windows(path: Path, model, grid_side: int | None = None, limit: int = 48) -> tuple[Any, np.ndarray]:
-    """Input windows of up to ``limit`` tissue tiles (tile 256) of ``path`` (its middle ``grid_side``^2 px)."""
+def tissue_windows(path: Path, model, grid_side: int | None = None, limit: int = 48,
+                   forward_tiles: int = 1) -> tuple[Any, np.ndarray]:  # fmt: skip
+    """Input windows of up to ``limit`` tissue tiles (tile 256) of ``path`` (its middle ``grid_side``^2 px): one per
+    tile, or (``forward_tiles`` > 1) one per block of that many tiles a side that the job would run as one window."""
+    from dataclasses import replace
+
     from pipeline.inference.tile_batches import read_windows
-    from pipeline.slides.geometry import tile_grid_for_model
+    from pipeline.slides.geometry import forward_windows, tile_grid_for_model
     from pipeline.slides.pyramid import open_slide
     from pipeline.slides.sources import ArraySource
     from pipeline.slides.tissue_tiles import slide_tissue_mask, tissue_tiles
@@ -74,21 +79,33 @@ def tissue_windows(path: Path, model, grid_side: int | None = None, limit: int =
         slide = ArraySource(slide.read(max(0, y), max(0, y) + grid_side, max(0, x), max(0, x) + grid_side))
     grid = tile_grid_for_model(model, slide.size, 256)
     run = tissue_tiles(grid, slide_tissue_mask(slide, True))  # the job's own tissue detection
+    if forward_tiles > 1:
+        whole = replace(grid, shard_tiles=max(grid.rows, grid.cols))
+        blocks = [w for w in forward_windows(whole, whole.shard(0, 0, run), forward_tiles) if len(w.tiles) > 1]
+        return grid, np.stack([slide.read_window(w.y - grid.halo, w.x - grid.halo, w.side + grid.reach)
+                               for w in blocks[: max(1, limit // forward_tiles**2)]])  # fmt: skip
     tiles = [tile for tile in grid if run[tile.row, tile.col]][:limit]
     return grid, read_windows(slide, grid, tiles)
 
 
-def mode_predictor(model, grid, amp: str | None, channels_last: bool, compile: bool = False):
+def mode_predictor(model, grid, amp: str | None, channels_last: bool, compile: bool = False, forward_tiles: int = 1):
     from pipeline.inference.predict import TilePredictor
 
     return TilePredictor.for_grid(model, grid, device="cpu", amp=amp, channels_last=channels_last, compile=compile,
-                                  batch_size=4)  # fmt: skip
+                                  batch_size=4, forward_tiles=forward_tiles)  # fmt: skip
 
 
-def predictions(predictor, windows: np.ndarray) -> np.ndarray:
-    """Logits of ``windows`` through ``predictor``, 4 at a time (the job's batch)."""
-    return np.concatenate([predictor(windows[i : i + 4], return_logits=True)["logits"]
-                           for i in range(0, len(windows), 4)])  # fmt: skip
+def per_batch(windows: np.ndarray, grid) -> int:
+    """Windows per forward pass: the job's batch of 4 tiles' pixels (one window of 2 x 2 tiles)."""
+    from pipeline.inference.predict import windows_per_batch
+
+    return windows_per_batch(4, grid.tile_size, windows.shape[1] - grid.reach)
+
+
+def predictions(predictor, windows: np.ndarray, batch: int = 4) -> np.ndarray:
+    """Logits of ``windows`` through ``predictor``, ``batch`` at a time."""
+    return np.concatenate([predictor(windows[i : i + batch], return_logits=True)["logits"]
+                           for i in range(0, len(windows), batch)])  # fmt: skip
 
 
 def agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float | None]:
@@ -140,9 +157,11 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
     from benchmarks.gpu import flops_per_tile
 
     saved = torch.get_num_threads()
-    flops_per_px = flops_per_tile(model, model.valid_output_size(256)) / 256**2  # per kept px of the job's tile
-    grid, cmu = tissue_windows(cmu_slide, model)
-    _, demo = tissue_windows(demo_slide, model, grid_side=2048)
+    flops_per_px = {k: flops_per_tile(model, model.valid_output_size(256 * k)) / (256 * k) ** 2
+                    for k in (1, 2)}  # per kept px: the model computes 260^2 (516^2) for 256^2 (512^2) kept
+    windows = {k: (tissue_windows(cmu_slide, model, forward_tiles=k)[1],
+                   tissue_windows(demo_slide, model, grid_side=2048, forward_tiles=k)[1]) for k in (1, 2)}  # fmt: skip
+    grid, _ = tissue_windows(cmu_slide, model, limit=1)
     from pipeline.slides.pyramid import open_slide
 
     region = open_slide(cmu_slide).read(800, 1824, 600, 1624)
@@ -150,16 +169,19 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
     try:
         torch.set_num_threads(1)
         float32 = mode_predictor(model, grid, None, False)  # every grid here has the same tile geometry
-        reference = {"cmu": predictions(float32, cmu), "demo": predictions(float32, demo)}
+        # float32 NCHW on the same windows: on blocks it equals the tiles' float32 within 1e-4 (tests/test_exactness.py)
+        reference = {k: [predictions(float32, w, per_batch(w, grid)) for w in pair] for k, pair in windows.items()}
         base_rate: dict[int, float] = {}
         for threads in sorted({1, os.cpu_count() or 1}):
             peaks = {name: conv_peak(dtype, threads) for name, dtype in
                      (("float32", torch.float32), ("bfloat16", torch.bfloat16))}  # fmt: skip
-            for precision, channels_last, compile in MODES:
+            for precision, channels_last, compile, k in MODES:
                 amp = "bf16" if precision == "bfloat16" else None
                 torch.set_num_threads(threads)
-                predictor = mode_predictor(model, grid, amp, channels_last, compile)
-                batches = [cmu[i : i + 4] for i in range(0, len(cmu) - 3, 4)]
+                predictor = mode_predictor(model, grid, amp, channels_last, compile, forward_tiles=k)
+                cmu, demo = windows[k]
+                size = per_batch(cmu, grid)
+                batches = [cmu[i : i + size] for i in range(0, len(cmu) - size + 1, size)]
                 state = {"i": 0}
 
                 def step() -> int:
@@ -168,17 +190,19 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
 
                 rate = timed_rate(step, seconds)["mpx_per_s"]
                 base_rate.setdefault(threads, rate)
-                gflops = rate * flops_per_px / 1e3
+                gflops = rate * flops_per_px[k] / 1e3
                 torch.set_num_threads(1)
-                cmu_agree, gap = agreement(reference["cmu"], predictions(predictor, cmu))
-                demo_agree, _ = agreement(reference["demo"], predictions(predictor, demo))
+                cmu_agree, gap = agreement(reference[k][0], predictions(predictor, cmu, size))
+                demo_agree, _ = agreement(reference[k][1], predictions(predictor, demo, size))
                 worst, whole_agree = tiled_vs_whole(model, region, predictor, amp) if threads == 1 else (None, None)
                 record = {"precision": precision, "channels_last": channels_last, "compile": compile, "threads": threads,
+                          "forward_tiles": k,
                           "mpx_per_s": rate, "gflops": gflops, "peak_gflops": peaks[precision],
                           "agreement_cmu": cmu_agree, "agreement_demo": demo_agree, "median_gap": gap,
                           "tiled_vs_whole_max": worst, "tiled_vs_whole_agreement": whole_agree}  # fmt: skip
                 records.append(record)
-                layout = ("channels_last" if channels_last else "NCHW") + (", torch.compile" if compile else "")
+                layout = ("channels_last" if channels_last else "NCHW") + (", torch.compile" if compile else "") + \
+                    (f", {k} x {k} tiles per window" if k > 1 else "")  # fmt: skip
                 rows.append([precision, layout, threads, rate, gflops,
                              peaks[precision], gflops / peaks[precision], rate / base_rate[threads],
                              f"{100 * cmu_agree:.3f} %", f"{100 * demo_agree:.3f} %", gap if gap is not None else "–", worst if worst is not None else "(1 thread)",
@@ -186,11 +210,14 @@ def run(model, demo_slide: Path, cmu_slide: Path, *, seconds: float) -> dict[str
     finally:
         torch.set_num_threads(saved)
     return {
-        "columns": COLUMNS, "rows": rows, "records": records, "flops_per_output_px": flops_per_px,
+        "columns": COLUMNS, "rows": rows, "records": records, "flops_per_output_px": flops_per_px[1],
+        "flops_per_output_px_2x2": flops_per_px[2],
         "reads": {"columns": READ_COLUMNS, "rows": read_rows(cmu_slide)},
         "notes": [
-            f"model: {flops_per_px / 1e6:.4f} MFLOP per kept output pixel at tile 256 (the model computes "
-            f"{model.valid_output_size(256)}^2 and the job keeps 256^2); {len(cmu)} tissue tiles of cmu-1, "
-            f"{len(demo)} of the synthetic slide's middle 2048^2; tiled vs whole on cmu-1[800:1824, 600:1624].",
+            f"model: {flops_per_px[1] / 1e6:.4f} MFLOP per kept output pixel at tile 256 (the model computes "
+            f"{model.valid_output_size(256)}^2 and the job keeps 256^2), {flops_per_px[2] / 1e6:.4f} in windows of "
+            f"2 x 2 tiles ({model.valid_output_size(512)}^2 for 512^2); {len(windows[1][0])} tissue tiles of cmu-1 "
+            f"({len(windows[2][0])} blocks of 2 x 2), {len(windows[1][1])} ({len(windows[2][1])}) of the synthetic "
+            "slide's middle 2048^2; tiled vs whole on cmu-1[800:1824, 600:1624], in the mode's windows.",
         ],
     }  # fmt: skip

@@ -32,18 +32,25 @@ COLUMNS = ["config", "precision", "actor threads", "Ray CPUs", "tiles", "end-to-
            "peak PSS MiB", "load (1 min)"]  # fmt: skip
 
 
-def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, batch_size: int, batches: int = 4):
-    """``batches`` batches of real input windows, read from the middle rows of the slide (tissue and glass)."""
-    from pipeline.inference.tile_batches import read_windows
-    from pipeline.slides.geometry import tile_grid_for_model
+def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, batch_size: int,
+                     forward_tiles: int | None = None, batches: int = 4):  # fmt: skip
+    """``batches`` batches of real input windows from the middle shard of the slide (tissue and glass), formed
+    as the job's shard path forms them: forward windows of ``forward_tiles`` tiles a side (None: the job's
+    default), batches of ``batch_size`` tiles' pixels."""
+    from pipeline.inference.predict import default_forward_tiles
+    from pipeline.inference.tile_batches import cut_windows, forward_batches
+    from pipeline.slides.geometry import default_shard_tiles, forward_windows, tile_grid_for_model
     from pipeline.slides.pyramid import open_slide
+    from pipeline.slides.shard_blocks import ShardBlocks
 
     slide = open_slide(slide_path)
-    grid = tile_grid_for_model(model, slide.size, tile_size)
-    tiles = list(grid)
-    start = max(0, len(tiles) // 2 - batches * batch_size // 2)
-    chosen = tiles[start : start + batches * batch_size]
-    return grid, [read_windows(slide, grid, chosen[i : i + batch_size]) for i in range(0, len(chosen), batch_size)]
+    grid = tile_grid_for_model(model, slide.size, tile_size, shard_tiles=default_shard_tiles(tile_size))
+    shards = grid.shards()
+    shard = shards[len(shards) // 2]
+    region, origin = ShardBlocks(slide, grid).read(shard)
+    windows = forward_windows(grid, shard, forward_tiles or default_forward_tiles(tile_size))
+    return grid, [cut_windows(region, origin, grid, batch)
+                  for batch in list(forward_batches(windows, tile_size, batch_size))[:batches]]  # fmt: skip
 
 
 def bare_forward(model, grid, windows: list[np.ndarray], threads: int, seconds: float, device: str = "cpu",
@@ -65,7 +72,7 @@ def bare_forward(model, grid, windows: list[np.ndarray], threads: int, seconds: 
             predictor(batch)
             if device != "cpu":
                 torch.cuda.synchronize()  # (labels are copied to the host anyway)
-            return len(batch) * grid.tile_size**2
+            return len(batch) * (batch.shape[1] - grid.reach) ** 2  # output pixels (a window may hold 2 x 2 tiles)
 
         return timed_rate(step, seconds)
     finally:
@@ -150,7 +157,7 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
     pipeline reads resampled; the bare forward's windows are native (the forward's cost does not depend on them)."""
     from pipeline.inference.ray_runner import actor_threads
 
-    grid, windows = pre_read_windows(slide, model, tile_size, options.batch_size)
+    grid, windows = pre_read_windows(slide, model, tile_size, options.batch_size, options.forward_tiles)
     start_ray(num_cpus)
     threads = actor_threads(options)  # what the job gives its actor
     record: dict[str, Any] = {"config": label, "options": asdict(options), "threads": threads, "num_cpus": num_cpus,
@@ -200,7 +207,8 @@ def precision_name(amp: str | None, device: str) -> str:
 
 def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, actors: int, forward_seconds: float,
         layouts: list[str] | None = None, amp: str | None = "auto",
-        reads: tuple[str, ...] = ("native",), compile: bool = False) -> dict[str, Any]:  # fmt: skip
+        reads: tuple[str, ...] = ("native",), compile: bool = False,
+        forward_tiles: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Each layout, with native reads and/or ``"resampled"`` ones (segmented at twice the slide's µm/px)."""
     import os
 
@@ -218,7 +226,8 @@ def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, a
             for read in reads:
                 target_mpp = 2 * mpp if read == "resampled" else None
                 records.append(measure(slide, model, workdir, label=f"{label}, {read}",
-                                       options=RayOptions(**overrides, amp=amp, compile=compile), num_cpus=num_cpus,
+                                       options=RayOptions(**overrides, amp=amp, compile=compile,
+                                                          forward_tiles=forward_tiles), num_cpus=num_cpus,
                                        tile_size=tile_size, forward_seconds=forward_seconds,
                                        target_mpp=target_mpp))  # fmt: skip
     finally:

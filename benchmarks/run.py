@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model", type=Path, default=None, help="model artifact (default: the bundled models/nuclei-unet.pt)")
     add("--tile-size", type=int, default=256, help="output tile side (default 256, the job's default)")
     add("--batch-size", type=int, default=4, help="tiles per forward pass (default 4, the job's default)")
+    add("--forward-tiles", type=int, default=None,
+        help="tiles per side of one forward window in the efficiency runs, as the job's --forward-tiles (default: the "
+        "job's, 2 for tiles of 256; 1 = every tile alone, the job before 2026-12-02 16:00 UTC)")
     add("--actors", type=int, default=1, help="model actors for the Ray runs (default 1)")
     add("--slide-size", type=int, default=None,
         help="side of the efficiency/tissue slide in px (default 12288, 0.15 gigapixel; --quick 2048)")
@@ -125,7 +128,8 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
 
         return efficiency.run(slide, model, workdir, tile_size=args.tile_size, batch_size=args.batch_size,
                               actors=args.actors, forward_seconds=args.forward_seconds, layouts=args.layouts,
-                              amp=args.amp, reads=tuple(args.efficiency_reads), compile=args.compile)  # fmt: skip
+                              amp=args.amp, reads=tuple(args.efficiency_reads), compile=args.compile,
+                              forward_tiles=args.forward_tiles)  # fmt: skip
     if name == "peer":
         from benchmarks import peer
 

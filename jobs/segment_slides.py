@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compressed copy of the slide) (default: %(default)s)")
     add("--batch-size", type=int, default=4, metavar="B",
         help="tiles per forward pass on each actor (default: %(default)s)")
+    add("--forward-tiles", type=int, default=None, metavar="K",
+        help="run blocks of K x K tiles as one forward window where the tiles to run fill them: less halo computed "
+        "twice, the same output (default: as many as make 512 px, 2 for tiles of 256; 1 = every tile alone)")
     add("--actors", type=int, default=1, metavar="N",
         help="model actors, each holding one copy of the model (default: %(default)s)")
     add("--gpus-per-actor", type=float, default=0.0, metavar="G",
@@ -147,7 +150,7 @@ def options_from(args: argparse.Namespace, model: Any):
     options = RayOptions(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
         batch_size=args.batch_size, amp=None if args.amp == "off" else args.amp, compile=args.compile,
-        threads_per_actor=args.threads_per_actor,
+        forward_tiles=args.forward_tiles, threads_per_actor=args.threads_per_actor,
         progress=not args.no_progress, read_tasks={"auto": None, "on": True, "off": False}[args.read_tasks],
     )  # fmt: skip
     return config, options

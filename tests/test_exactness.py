@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 
 import tifffile
+import zarr
+from PIL import Image
 
 from conftest import NON_INTEGER_LEVELS, random_image, shared_file, varied_unet
 from pipeline import open_labels, open_pyramid, open_slide, segment_slide, tiled_logits, whole_image_logits
 from pipeline.slides.resolution import open_at_mpp
 from pipeline.slides.sources import ResampledSource
+from pipeline.store.shard_state import TILE_DONE, read_tile_states
 from test_pyramid import SHARED_SLIDES, whole_level_by_openslide
 
 
@@ -30,10 +33,13 @@ def assert_labels_are_the_argmax(labels: np.ndarray, whole: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("tile_size", [32, 64, 128])
-def test_synthetic_image_with_awkward_sides(tile_size):
+@pytest.mark.parametrize("forward_tiles", [1, 2, 3])
+def test_synthetic_image_with_awkward_sides(tile_size, forward_tiles):
+    """Tiles alone, or in forward windows of 2 x 2 and 3 x 3 tiles, cropped at the image's awkward edges."""
     model = varied_unet(depth=3)
     image = random_image(203, 317)
-    assert_tiled_equals_whole(tiled_logits(image, model, tile_size), whole_image_logits(model, image))
+    tiled = tiled_logits(image, model, tile_size, forward_tiles=forward_tiles)
+    assert_tiled_equals_whole(tiled, whole_image_logits(model, image))
 
 
 def test_depth4_paper_geometry_on_awkward_image():
@@ -98,6 +104,32 @@ def test_openslide_only_levels_are_exact_natively_or_resampled(dicom_slide, leve
     if level == 1:
         assert (whole == whole_level_by_openslide(dicom_slide, 1)).all()
     assert_tiled_equals_whole(tiled_logits(dicom_slide, model, 16, level=level), whole_image_logits(model, whole), varied=False)
+
+
+def test_forward_windows_of_several_tiles_store_what_tiles_alone_store(tmp_path):
+    """Blocks of 2 x 2 tiles in one forward pass, beside single tiles where a mask leaves a block short of
+    three: the same labels and probabilities as every tile alone, and tiles nobody asked for stay background."""
+    model = varied_unet(depth=3)
+    image = random_image(300, 420, seed=5)
+    mask = np.full((300 // 30, 420 // 30), 255, np.uint8)
+    mask[:5, :4] = 0  # no tissue top left: blocks there hold 0 to 2 tiles to run
+    mask[7:9, 10:12] = 0  # after the mask's tile dilation: tile (7, 10) alone, in a block with three to run
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    stores = {}
+    for k in (1, 2):
+        stores[k] = tmp_path / f"k{k}.zarr"
+        segment_slide(image, stores[k], model, tile_size=32, shard_tiles=4, batch_size=4, probabilities=True,
+                      tissue_mask=tmp_path / "mask.png", forward_tiles=k)  # fmt: skip
+    assert np.array_equal(open_labels(stores[1])[...], open_labels(stores[2])[...])
+    states = read_tile_states(stores[2])
+    assert states[7, 10] != TILE_DONE and (states[6:8, 10:12] == TILE_DONE).sum() == 3  # computed, not stored
+    assert open_labels(stores[2])[7 * 32 : 8 * 32, 10 * 32 : 11 * 32].max() == 0 and open_labels(stores[2])[...].any()
+    probabilities = [zarr.open_group(str(stores[k]), mode="r")["probabilities/0"][...].astype(int) for k in (1, 2)]
+    assert np.abs(probabilities[0] - probabilities[1]).max() <= 1  # uint8 rounding of float32 softmax
+    whole = whole_image_logits(model, image)
+    labels = open_labels(stores[2])[...]
+    run = np.kron(states == TILE_DONE, np.ones((32, 32), bool))[:300, :420]
+    assert_labels_are_the_argmax(np.where(run, labels, whole.argmax(0)), whole)
 
 
 def test_segment_slide_store_matches_whole_image_argmax(tmp_path):

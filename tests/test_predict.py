@@ -8,7 +8,9 @@ import pytest
 from conftest import random_image, shared_file, varied_unet
 from pipeline import open_slide, tile_grid_for_model
 from pipeline.inference.tile_batches import read_windows
-from pipeline.inference.predict import TilePredictor, cpu_has_native_bf16, resolve_amp, resolve_device, whole_image_logits
+from pipeline.inference.predict import (
+    TilePredictor, cpu_has_native_bf16, resolve_amp, resolve_device, whole_image_logits, windows_per_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,26 @@ def test_compiled_step_pads_a_short_batch_and_matches_eager(batch):
     out = compiled(windows, return_logits=True)  # 3 tiles, padded to the static batch of 4
     assert out["labels"].shape == (3, 64, 64)
     assert np.abs(out["logits"] - reference["logits"]).max() <= 1e-4
+
+
+def test_a_window_of_2x2_tiles_gives_each_tile_its_own_output_eager_and_compiled(batch):
+    """One forward window over a block of 2 x 2 tiles (side 128 + the reach) returns the block's 128^2 labels:
+    each quarter is that tile's output alone; compiled, the block is one static batch of its own (1 window for
+    every 4 tiles of the batch size)."""
+    model, grid, _, _ = batch
+    image = open_slide(random_image(200, 200, seed=7))
+    tiles = [grid.tile(r, c) for r in (0, 1) for c in (0, 1)]
+    alone = TilePredictor.for_grid(model, grid, device="cpu")(read_windows(image, grid, tiles), return_logits=True)
+    block = image.read_window(-grid.halo, -grid.halo, 2 * grid.tile_size + grid.reach)[None]
+    assert windows_per_batch(4, 64, 128) == 1 and windows_per_batch(16, 64, 128) == 4 and windows_per_batch(4, 64, 64) == 4
+    for compile in (False, True):
+        predictor = TilePredictor.for_grid(model, grid, device="cpu", compile=compile, batch_size=4)
+        out = predictor(block, return_logits=True)
+        assert out["labels"].shape == (1, 128, 128)
+        for k, tile in enumerate(tiles):
+            quarter = np.s_[tile.y : tile.y + 64, tile.x : tile.x + 64]
+            assert np.abs(out["logits"][0][(slice(None), *quarter)] - alone["logits"][k]).max() <= 1e-4
+            assert (out["labels"][0][quarter] == alone["labels"][k]).mean() > 0.999  # ties at float rounding only
 
 
 def test_amp_and_device_choices():

@@ -293,6 +293,7 @@ def segment_slide(
     shard_tiles: int | None = None,
     compile: bool | str = False,
     slide_image: str = "overview",
+    forward_tiles: int | None = None,
 ) -> SegmentResult:
     """Segment one slide in-process and write the OME-Zarr mosaic to ``out_path``.
 
@@ -302,7 +303,9 @@ def segment_slide(
     level (default 0), or ``target_mpp``: segment at that µm/px (best level, resampled if needed). ``amp``: None (float32),
     "bf16", "fp16" or "auto". Opt-in: ``resume`` (finish an interrupted store), ``tissue_mask`` (True to
     detect tissue, or a boolean mask image; tiles without tissue are not read and stay background).
-    ``slide_image``: "overview" (default: the slide's thumbnail at the store's root) or "full" (every pixel).
+    ``forward_tiles``: tiles per side of one forward window (None: as many as make 512 px; tiles stay the unit of
+    storage and skipping). ``slide_image``: "overview" (default: the slide's thumbnail at the store's root) or
+    "full" (every pixel).
     """
     started = time.perf_counter()
     model = resolve_model(model)
@@ -312,7 +315,8 @@ def segment_slide(
             probabilities=probabilities, overwrite=overwrite, resume=resume, tissue_mask=tissue_mask,
             lock_token=lock.token, shard_tiles=shard_tiles, slide_image=slide_image,
         )  # fmt: skip
-        busy = run_tiles(plan, model, batch_size, device=device, amp=amp, progress=progress, compile=compile)
+        busy = run_tiles(plan, model, batch_size, device=device, amp=amp, progress=progress, compile=compile,
+                         forward_tiles=forward_tiles)  # fmt: skip
         plan.finalize()
     result = plan.result(plan.tiles_to_run, time.perf_counter() - started, model_seconds=busy)
     logger.info("%s: %d tiles in %.1f s -> %s", result.slide, result.tiles_run, result.seconds, out_path)
@@ -330,12 +334,13 @@ def engine_threads(device: torch.device) -> tuple[int, int]:
 
 
 def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, device: str = "auto",
-              amp: str | None = None, progress: bool = False, compile: bool | str = False) -> float:  # fmt: skip
+              amp: str | None = None, progress: bool = False, compile: bool | str = False,
+              forward_tiles: int | None = None) -> float:  # fmt: skip
     """Read, predict and write every pending shard of ``plan`` in this process, through the same shard path
     as the Ray actors: shards are read ahead and written behind in threads (:func:`engine_threads`), so the
     model never waits for either; raises at the first failure; returns the seconds spent in the model."""
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=plan.probabilities,
-                                       compile=compile, batch_size=batch_size)  # fmt: skip
+                                       compile=compile, batch_size=batch_size, forward_tiles=forward_tiles)  # fmt: skip
     bar = TileProgress(plan, progress)
     done = 0
     blocks = ShardBlocks(plan.slide, plan.grid) if plan.shards else None
@@ -360,11 +365,11 @@ def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, devic
 
 
 def tiled_logits(source: Any, model: torch.nn.Module, tile_size: int, level: int = 0, batch_size: int = 4,
-                 amp: str | None = None) -> np.ndarray:  # fmt: skip
+                 amp: str | None = None, forward_tiles: int | None = None) -> np.ndarray:  # fmt: skip
     """Assemble the tiled float32 logits (K, H, W) in memory, through the same geometry, reader and tile
-    function as :func:`segment_slide` (``amp``: its precision); for checking exactness against
+    function as :func:`segment_slide` (``amp``, ``forward_tiles``: its options); for checking exactness against
     :func:`whole_image_logits`."""
     slide = open_slide(source, level)
     grid = tile_grid_for_model(model, slide.size, tile_size)
-    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp)
+    predictor = TilePredictor.for_grid(model, grid, device="cpu", amp=amp, forward_tiles=forward_tiles)
     return tiled_region_logits(slide, grid, predictor, batch_size=batch_size)

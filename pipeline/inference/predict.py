@@ -24,6 +24,20 @@ from pipeline.slides.geometry import TileGrid
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Output side one forward window aims at: 2 x 2 tiles of 256 (604^2 px in, batch 1) ran 1.17-1.25x faster per
+# output pixel than 4 windows of 348^2 on this project's CPU, 3 x 3 (860^2) slower (docs/performance.md).
+FORWARD_SIDE = 512
+
+
+def default_forward_tiles(tile_size: int) -> int:
+    """Tiles per side of one forward window: as many as fit in :data:`FORWARD_SIDE` (at least one)."""
+    return max(1, FORWARD_SIDE // tile_size)
+
+
+def windows_per_batch(batch_size: int, tile_size: int, side: int) -> int:
+    """Windows of output ``side`` in a batch of ``batch_size`` tiles' pixels (at least one): a batch of 4 tiles
+    is 4 windows of one tile or 1 of 2 x 2, so the pixels per forward pass, and its memory, stay put."""
+    return max(1, batch_size * tile_size**2 // side**2)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -57,7 +71,10 @@ class TilePredictor:
     """Holds the model on its device and turns a batch of input windows into label tiles.
 
     Build it once per process / actor (the model is moved and optionally compiled here), then call it
-    per batch. ``batch_size`` matters only with ``compile``: batches are padded to it for static shapes.
+    per batch. ``batch_size`` (tiles per batch) matters only with ``compile``: batches are padded to it for
+    static shapes, to one window of 2 x 2 tiles for every 4 tiles. A window may hold several tiles: its output
+    side is its input side minus ``reach`` (the grid's, set by :meth:`for_grid`); ``forward_tiles``: tiles per
+    side of the windows the shard path builds (None: :func:`default_forward_tiles`).
     ``compile``: True (CUDA graphs via mode "reduce-overhead" on CUDA, the default mode on CPU) or a
     torch.compile mode name. ``channels_last``: the input and weight layout (default True: the fast one for
     oneDNN and cuDNN; False: NCHW).
@@ -73,11 +90,17 @@ class TilePredictor:
     compile: bool | str = False
     batch_size: int | None = None
     channels_last: bool = True
+    reach: int | None = None
+    forward_tiles: int | None = None
     _forward: object = field(init=False, repr=False)
     busy_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
+        if self.forward_tiles is None:
+            self.forward_tiles = default_forward_tiles(self.tile_size)
+        if int(self.forward_tiles) != self.forward_tiles or self.forward_tiles < 1:
+            raise ValueError(f"forward_tiles must be a positive whole number, got {self.forward_tiles}")
         self.amp_dtype = resolve_amp(self.amp, self.device)
         self.model = self.model.to(self.device).eval()
         if self.channels_last:
@@ -101,7 +124,7 @@ class TilePredictor:
 
     @classmethod
     def for_grid(cls, model: torch.nn.Module, grid: TileGrid, **options) -> "TilePredictor":
-        return cls(model, tile_size=grid.tile_size, crop=grid.crop, **options)
+        return cls(model, tile_size=grid.tile_size, crop=grid.crop, reach=grid.reach, **options)
 
     def _step(self, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = windows.permute(0, 3, 1, 2).float().div_(255.0)
@@ -109,7 +132,8 @@ class TilePredictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
-        c, t = self.crop, self.tile_size
+        c = self.crop
+        t = self.tile_size if self.reach is None else windows.shape[1] - self.reach  # the window's output side
         logits = logits[:, :, c : c + t, c : c + t].float()
         labels = logits.argmax(dim=1).to(torch.uint8)
         if not self.probabilities:
@@ -119,11 +143,14 @@ class TilePredictor:
 
     @torch.inference_mode()
     def __call__(self, windows: np.ndarray, return_logits: bool = False) -> dict[str, np.ndarray]:
-        """windows: (N, I, I, C) uint8 -> {"labels": (N, T, T) uint8[, "probabilities": (N, K, T, T) uint8][, "logits"]}."""
+        """windows: (N, I, I, C) uint8 -> {"labels": (N, T, T) uint8[, "probabilities": (N, K, T, T)][, "logits"]},
+        T = I - reach (the tile size when no reach is set)."""
         started, count = time.perf_counter(), len(windows)
         batch = torch.from_numpy(np.ascontiguousarray(windows))
-        if self.compile and count < self.batch_size:
-            pad = torch.zeros((self.batch_size - count, *batch.shape[1:]), dtype=batch.dtype)
+        side = self.tile_size if self.reach is None else windows.shape[1] - self.reach
+        pad_to = windows_per_batch(self.batch_size or 1, self.tile_size, side)
+        if self.compile and count < pad_to:
+            pad = torch.zeros((pad_to - count, *batch.shape[1:]), dtype=batch.dtype)
             batch = torch.cat([batch, pad])
         batch = batch.to(self.device, non_blocking=True)
         outputs = self._forward(batch)

@@ -37,7 +37,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pipelin
 class RayOptions:
     """How the Ray run is laid out. ``actors``: size of the model actor pool; ``gpus_per_actor``: 0 runs the
     actors on CPU (fractions share a GPU); ``cpus_per_actor``: CPUs (and torch threads on CPU) per actor;
-    ``batch_size``: tiles per forward pass; ``amp``: None/"off", "auto", "bf16", "fp16" (see TilePredictor);
+    ``batch_size``: tiles per forward pass; ``forward_tiles``: tiles per side of one forward window (None: as many
+    as make 512 px, see :func:`~pipeline.slides.geometry.forward_windows`); ``amp``: None/"off", "auto", "bf16",
+    "fp16" (see TilePredictor);
     ``read_tasks``: read and write shards in CPU tasks of their own (None: on GPU actors only; CPU actors
     read and write beside their forward pass); ``lookahead``: slides planned ahead of the model (None:
     2 per actor + 2); ``threads_per_actor``: torch threads of a CPU actor (None: its node's cores shared by
@@ -47,6 +49,7 @@ class RayOptions:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     batch_size: int = 4
+    forward_tiles: int | None = None
     amp: str | None = None
     compile: bool = False
     progress: bool = True
@@ -61,6 +64,8 @@ class RayOptions:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ValueError("gpus_per_actor and cpus_per_actor must be >= 0")
+        if self.forward_tiles is not None and (self.forward_tiles < 1 or int(self.forward_tiles) != self.forward_tiles):
+            raise ValueError(f"forward_tiles must be a positive whole number, got {self.forward_tiles}")
         if self.threads_per_actor is not None and self.threads_per_actor < 1:
             raise ValueError(f"threads_per_actor must be >= 1, got {self.threads_per_actor}")
         if self.lookahead is not None and self.lookahead < 1:

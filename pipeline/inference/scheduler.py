@@ -73,7 +73,7 @@ class Scheduler:
         self.pieces = ray_pieces(options)
         self.model_ref = ray.put(model)
         self.actor_args = (tile_size, options.device, options.amp, probabilities, options.compile, options.batch_size,
-                           actor_threads(options))  # fmt: skip
+                           actor_threads(options), options.forward_tiles)  # fmt: skip
         self.actors: list = []
         self.actor_load = [0] * options.actors
         self.slots = options.actors * 2  # shards in flight: each actor has one running and one ready

@@ -14,15 +14,15 @@ import threading
 from collections import OrderedDict
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.inference.predict import TilePredictor
-from pipeline.slides.geometry import Shard, TileGrid, tile_grid_for_model
+from pipeline.inference.predict import TilePredictor, windows_per_batch
+from pipeline.slides.geometry import ForwardWindow, Shard, TileGrid, forward_windows, tile_grid_for_model
 from pipeline.slides.shard_blocks import ShardBlocks
 from pipeline.slides.sources import read_window
 from pipeline.text import one_line
@@ -72,16 +72,17 @@ def read_shard(plan: Any, shard: Shard, blocks: ShardBlocks | None = None) -> Sh
     return (blocks or blocks_for(plan)).read(shard)
 
 
-def cut_windows(region: np.ndarray, origin: tuple[int, int], grid: TileGrid, tiles: Iterable[Any]) -> np.ndarray:
-    """(N, I, I, C) input windows of ``tiles`` cut from a region read at ``origin`` (slide pixels): each equals
-    its own read."""
+def cut_windows(region: np.ndarray, origin: tuple[int, int], grid: TileGrid, windows: Iterable[Any]) -> np.ndarray:
+    """(N, I, I, C) input windows cut from a region read at ``origin`` (slide pixels), each equal to its own
+    read: of tiles (``I`` = the grid's input size), or of :class:`ForwardWindow` s of one side
+    (``I`` = side + reach)."""
     top, left = origin
-    size = grid.input_size
-    windows = []
-    for tile in tiles:
-        y, x = grid.input_origin(tile)
-        windows.append(region[y - top : y - top + size, x - left : x - left + size])
-    return np.stack(windows)
+    stack = []
+    for window in windows:
+        y, x = window.y - grid.halo, window.x - grid.halo
+        size = getattr(window, "side", grid.tile_size) + grid.reach
+        stack.append(region[y - top : y - top + size, x - left : x - left + size])
+    return np.stack(stack)
 
 
 @dataclass
@@ -94,34 +95,48 @@ class ShardOutput:
     tiles: int
 
 
+def forward_batches(windows: list[ForwardWindow], tile_size: int, batch_size: int) -> Iterator[list[ForwardWindow]]:
+    """Batches of windows of one side, each of at most ``batch_size`` tiles' pixels (at least one window)."""
+    for side in sorted({w.side for w in windows}, reverse=True):
+        same = [w for w in windows if w.side == side]
+        per_batch = windows_per_batch(batch_size, tile_size, side)
+        for start in range(0, len(same), per_batch):
+            yield same[start : start + per_batch]
+
+
 def predict_shard(predictor: Any, plan: Any, shard: Shard, block: ShardInput, batch_size: int,
                   lock: Any = None) -> ShardOutput:  # fmt: skip
-    """Run the shard's tiles in batches of ``batch_size`` and paste each valid centre into the shard's block.
+    """Run the shard's tiles and paste each valid centre into the shard's block: in forward windows of
+    ``predictor.forward_tiles`` x ``forward_tiles`` tiles where the tiles to run fill a block
+    (:func:`~pipeline.slides.geometry.forward_windows`), in batches of ``batch_size`` tiles' pixels.
 
-    Tiles not run (no tissue) stay 0: background, and the arrays' fill value. ``lock``: held around each
-    forward pass, so two threads sharing one predictor (a Ray actor reading beside its model) take turns."""
+    Tiles not run (no tissue) stay 0: background, and the arrays' fill value, also inside a window that
+    computed them. ``lock``: held around each forward pass, so two threads sharing one predictor (a Ray actor
+    reading beside its model) take turns."""
     grid, (y0, x0, y1, x1) = plan.grid, shard.box
     labels = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
     probabilities = None
     model_seconds = 0.0
     region, origin = block
-    for start in range(0, len(shard.tiles), batch_size):
-        tiles = shard.tiles[start : start + batch_size]
-        windows = cut_windows(region, origin, grid, tiles)
+    windows = forward_windows(grid, shard, predictor.forward_tiles)
+    for batch in forward_batches(windows, grid.tile_size, batch_size):
+        pixels = cut_windows(region, origin, grid, batch)
         with lock or nullcontext():
             before = predictor.busy_seconds
-            output = predictor(windows)
+            output = predictor(pixels)
             model_seconds += predictor.busy_seconds - before
         if plan.probabilities and "probabilities" not in output:
             raise ValueError(f"{plan.store.path}: its store holds probabilities but the predictor made none")
         if plan.probabilities and probabilities is None:
             probabilities = np.zeros((output["probabilities"].shape[1], y1 - y0, x1 - x0), dtype=np.uint8)
-        for k, tile in enumerate(tiles):
-            ty, tx, tyy, txx = tile.box
-            labels[ty - y0 : tyy - y0, tx - x0 : txx - x0] = output["labels"][k][: tile.height, : tile.width]
-            if probabilities is not None:
-                probabilities[:, ty - y0 : tyy - y0, tx - x0 : txx - x0] = \
-                    output["probabilities"][k][:, : tile.height, : tile.width]  # fmt: skip
+        for k, window in enumerate(batch):
+            for tile in window.tiles:
+                (ty, tx, tyy, txx), oy, ox = tile.box, tile.y - window.y, tile.x - window.x
+                labels[ty - y0 : tyy - y0, tx - x0 : txx - x0] = \
+                    output["labels"][k][oy : oy + tile.height, ox : ox + tile.width]  # fmt: skip
+                if probabilities is not None:
+                    probabilities[:, ty - y0 : tyy - y0, tx - x0 : txx - x0] = \
+                        output["probabilities"][k][:, oy : oy + tile.height, ox : ox + tile.width]  # fmt: skip
     return ShardOutput(labels, probabilities, model_seconds, len(shard.tiles))
 
 
@@ -164,12 +179,13 @@ class ShardActor:
     one at a time, so the model's threads are never shared. GPU actors only predict (:meth:`predict`)."""
 
     def __init__(self, model: Any, tile_size: int, device: str, amp: str | None, probabilities: bool,
-                 compile: bool, batch_size: int, threads: int) -> None:  # fmt: skip
+                 compile: bool, batch_size: int, threads: int, forward_tiles: int | None = None) -> None:  # fmt: skip
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)  # process-wide: the call threads pick it up at their first op
         grid = tile_grid_for_model(model, (tile_size, tile_size), tile_size)  # the geometry every slide shares
         self.predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, probabilities=probabilities,
-                                                compile=compile, batch_size=batch_size)  # fmt: skip
+                                                compile=compile, batch_size=batch_size,
+                                                forward_tiles=forward_tiles)  # fmt: skip
         self.batch_size, self.forward_lock = batch_size, threading.Lock()
 
     def run(self, plan: Any, shard: Shard) -> ShardOutcome:
@@ -195,23 +211,25 @@ def write_outcome(plan: Any, shard: Shard, output: ShardOutput) -> ShardOutcome:
 def tiled_region_logits(image: Any, grid: TileGrid, predictor: Any, origin: tuple[int, int] = (0, 0),
                         batch_size: int = 4) -> np.ndarray:  # fmt: skip
     """Float32 logits (K, H, W) of the region of ``image`` at ``origin`` that ``grid`` covers, tiled with the
-    inference geometry: each window read with :func:`read_window` (mirrored only outside ``image``) and run by
-    ``predictor``. For checking exactness (whole level) and for validation (held-out regions)."""
-    tiles = list(grid)
+    inference geometry: the forward windows a shard as large as the region would run (``predictor.forward_tiles``),
+    each read with :func:`read_window` (mirrored only outside ``image``). For checking exactness (whole level)
+    and for validation (held-out regions)."""
+    whole = replace(grid, shard_tiles=max(grid.rows, grid.cols))
     mosaic: np.ndarray | None = None
-    for start in range(0, len(tiles), batch_size):
-        batch = tiles[start : start + batch_size]
+    for batch in forward_batches(forward_windows(whole, whole.shard(0, 0), predictor.forward_tiles), grid.tile_size,
+                                 batch_size):  # fmt: skip
         windows = []
-        for tile in batch:
-            y, x = grid.input_origin(tile)
-            window = read_window(image, origin[0] + y, origin[1] + x, grid.input_size)
-            windows.append(window[..., None] if window.ndim == 2 else window)
+        for window in batch:
+            pixels = read_window(image, origin[0] + window.y - grid.halo, origin[1] + window.x - grid.halo,
+                                 window.side + grid.reach)  # fmt: skip
+            windows.append(pixels[..., None] if pixels.ndim == 2 else pixels)
         logits = predictor(np.stack(windows), return_logits=True)["logits"]
         if mosaic is None:
             mosaic = np.zeros((logits.shape[1], *grid.shape), dtype=np.float32)
-        for k, tile in enumerate(batch):
-            y0, x0, y1, x1 = tile.box
-            mosaic[:, y0:y1, x0:x1] = logits[k][:, : tile.height, : tile.width]
+        for k, window in enumerate(batch):
+            for tile in window.tiles:
+                (y0, x0, y1, x1), oy, ox = tile.box, tile.y - window.y, tile.x - window.x
+                mosaic[:, y0:y1, x0:x1] = logits[k][:, oy : oy + tile.height, ox : ox + tile.width]
     return mosaic
 
 

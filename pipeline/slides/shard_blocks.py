@@ -52,7 +52,7 @@ def _mirror_pad(array: da.Array, axis: int, before: int, after: int) -> da.Array
 def check_shard_reach(grid: TileGrid) -> None:
     """Refuse shards narrower than their windows' reach past them: ``dask.array.overlap`` takes a block's
     overlap from its neighbours alone, so it needs chunks at least as deep as the overlap."""
-    reach = grid.input_size - grid.tile_size
+    reach = grid.reach
     if grid.shard_side < reach:
         fewest = -(-reach // grid.tile_size)
         raise ValueError(f"shards of {grid.shard_tiles} tiles ({grid.shard_side} px) are narrower than the windows' "
@@ -64,7 +64,7 @@ def shard_input_blocks(source: Any, grid: TileGrid) -> da.Array:
     import dask.array as da
 
     check_shard_reach(grid)
-    reach = grid.input_size - grid.tile_size  # rows and columns a shard's windows read past its end
+    reach = grid.reach  # rows and columns a shard's windows read past its end
     level_chunks = [_shard_aligned_chunks(length, grid.shard_side - grid.halo, grid.shard_side) for length in grid.shape]
     level = da.from_array(source, chunks=(*level_chunks, (source.shape[2],)), asarray=False, lock=False, fancy=False)
     block_chunks = []

@@ -285,13 +285,18 @@ def mean_2x2(block: np.ndarray) -> np.ndarray:
     """(2h, 2w, C) uint8 -> (h, w, C): the mean of each 2 x 2 block, rounded half to even, in integers.
 
     Bit-identical to :func:`resample_separable` at factor 2 (weights 1/2 and 1/2 per axis: the float32 sum
-    is exactly total / 4, then ``np.rint``), at a fraction of its cost."""
-    total = block[0::2, 0::2].astype(np.uint16)
-    total += block[1::2, 0::2]
-    total += block[0::2, 1::2]
-    total += block[1::2, 1::2]
-    quarter = total >> 2
-    return ((total + 1 + (quarter & 1)) >> 2).astype(np.uint8)  # remainders 0, 1 down; 3 up; 2 to the even
+    is exactly total / 4, then ``np.rint``), at a fraction of its cost. Rows are summed first (whole rows,
+    contiguous), then neighbouring pixels of each row: 2.4x faster than four strided 2 x 2 picks, which cost
+    a resampled shard 3.5x its JPEG decoding (docs/performance.md)."""
+    height, width, channels = block.shape[0] // 2, block.shape[1] // 2, block.shape[2]
+    rows = np.add(block[0::2], block[1::2], dtype=np.uint16).reshape(height, width, 2 * channels)
+    total = rows[:, :, :channels] + rows[:, :, channels:]
+    rounded = total >> 2
+    rounded &= 1  # remainders 0, 1 down; 3 up; 2 to the even
+    rounded += 1
+    rounded += total
+    rounded >>= 2
+    return rounded.astype(np.uint8)
 
 
 def resample_separable(block: np.ndarray, ys: np.ndarray, wy: np.ndarray, xs: np.ndarray, wx: np.ndarray) -> np.ndarray:
