@@ -53,6 +53,16 @@ def pre_read_windows(slide_path: Path, model: torch.nn.Module, tile_size: int, b
                   for batch in list(forward_batches(windows, tile_size, batch_size))[:batches]]  # fmt: skip
 
 
+def tiles_to_run(slide: Path, model, tile_size: int, target_mpp: float | None) -> int:
+    """Tiles of the slide at the level the run segments (every tile runs: no tissue mask here)."""
+    from pipeline.slides.geometry import tile_grid_for_model
+    from pipeline.slides.pyramid import open_slide
+    from pipeline.slides.resolution import open_at_mpp
+
+    view = open_at_mpp(slide, target_mpp) if target_mpp else open_slide(slide)
+    return len(tile_grid_for_model(model, view.size, tile_size))
+
+
 def bare_forward(model, grid, windows: list[np.ndarray], threads: int, seconds: float, device: str = "cpu",
                  amp: str | None = None, compile: bool | str = False) -> dict[str, Any]:  # fmt: skip
     """Mpx/s of TilePredictor on pre-read windows (cycled), with ``threads`` torch threads on CPU."""
@@ -155,6 +165,7 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
     """One row: bare forward (before), the job's pipeline, bare forward (after). ``isolate=False`` measures the
     bare forward in this process at this process's niceness (quicker; for tests). ``target_mpp``: the
     pipeline reads resampled; the bare forward's windows are native (the forward's cost does not depend on them)."""
+    from pipeline.inference.predict import resolve_compile
     from pipeline.inference.ray_runner import actor_threads
 
     grid, windows = pre_read_windows(slide, model, tile_size, options.batch_size, options.forward_tiles)
@@ -163,7 +174,10 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
     record: dict[str, Any] = {"config": label, "options": asdict(options), "threads": threads, "num_cpus": num_cpus,
                               "precision": precision_name(options.amp, options.device)}  # fmt: skip
     record["niceness"] = niceness = worker_niceness() if isolate else None
-    forward = (model, grid, windows, threads, forward_seconds, options.device, options.amp, options.compile)
+    compile = resolve_compile(options.compile, torch.device(options.device), tiles_to_run(slide, model, tile_size,
+                                                                                            target_mpp))  # fmt: skip
+    record["compile"] = compile  # what the job's --compile comes to for this slide; the bare forward does the same
+    forward = (model, grid, windows, threads, forward_seconds, options.device, options.amp, compile)
     bare = (lambda: isolated_bare_forward(niceness, *forward)) if isolate else (lambda: bare_forward(*forward))
     with load_watch(record):
         before = bare()
@@ -178,7 +192,8 @@ def measure(slide: Path, model, workdir: Path, *, label: str, options, num_cpus:
 
 def row(record: dict[str, Any]) -> list[Any]:
     run = record["pipeline"]
-    return [record["config"], record["precision"], record["threads"], record["num_cpus"] or "all", run["tiles_run"], run["wall_s"],
+    precision = record["precision"] + (", compiled" if record.get("compile") else "")
+    return [record["config"], precision, record["threads"], record["num_cpus"] or "all", run["tiles_run"], run["wall_s"],
             run["mpx_per_s"], record["bare_mpx_per_s"], record["efficiency"], record["overhead_s"], run["model_busy"],
             run["actor_forward_mpx_per_s"], run["memory"]["peak_pss_mib"],
             f"{record['load_before'][0]} -> {record['load_after'][0]}"]  # fmt: skip
@@ -207,7 +222,7 @@ def precision_name(amp: str | None, device: str) -> str:
 
 def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, actors: int, forward_seconds: float,
         layouts: list[str] | None = None, amp: str | None = "auto",
-        reads: tuple[str, ...] = ("native",), compile: bool = False,
+        reads: tuple[str, ...] = ("native",), compile: bool | str = "auto",
         forward_tiles: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Each layout, with native reads and/or ``"resampled"`` ones (segmented at twice the slide's µm/px)."""
     import os

@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "2026-12-02)")
     add("--amp", choices=("auto", "bf16", "off"), default="auto",
         help="precision of the efficiency and peer runs, as the job's --amp (default auto: bf16 where the CPU has it)")
-    add("--compile", action="store_true",
-        help="efficiency runs with the job's --compile (torch.compile in the actor; on CPU with frozen weights)")
+    add("--compile", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
+        help="the efficiency runs' --compile, as the job's (default auto: compiled on CPU for slides of 8192 tiles "
+        "or more; the bare forward follows what it comes to for the slide)")
     add("--efficiency-reads", nargs="+", choices=("native", "resampled"), default=["native", "resampled"],
         help="efficiency runs reading the slide natively and/or resampled by 2 (default: both)")
     add("--peer-size", type=int, default=None, help="side of the in-memory image of the peer comparison (2048)")
@@ -128,7 +129,7 @@ def run_section(name: str, args: argparse.Namespace, model, slide: Path) -> dict
 
         return efficiency.run(slide, model, workdir, tile_size=args.tile_size, batch_size=args.batch_size,
                               actors=args.actors, forward_seconds=args.forward_seconds, layouts=args.layouts,
-                              amp=args.amp, reads=tuple(args.efficiency_reads), compile=args.compile,
+                              amp=args.amp, reads=tuple(args.efficiency_reads), compile={"auto": "auto", "on": True, "off": False}[args.compile],
                               forward_tiles=args.forward_tiles)  # fmt: skip
     if name == "peer":
         from benchmarks import peer

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import random_image, shared_file, varied_unet
 from pipeline import open_slide, tile_grid_for_model
 from pipeline.inference.tile_batches import read_windows
 from pipeline.inference.predict import (
-    TilePredictor, cpu_has_native_bf16, resolve_amp, resolve_device, whole_image_logits, windows_per_batch,
+    COMPILE_MIN_TILES, TilePredictor, cpu_has_native_bf16, resolve_amp, resolve_compile, resolve_device,
+    whole_image_logits, windows_per_batch,
 )
 
 
@@ -63,6 +65,55 @@ def test_a_window_of_2x2_tiles_gives_each_tile_its_own_output_eager_and_compiled
             quarter = np.s_[tile.y : tile.y + 64, tile.x : tile.x + 64]
             assert np.abs(out["logits"][0][(slice(None), *quarter)] - alone["logits"][k]).max() <= 1e-4
             assert (out["labels"][0][quarter] == alone["labels"][k]).mean() > 0.999  # ties at float rounding only
+
+
+def test_compile_auto_compiles_cpu_work_of_enough_tiles_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu, COMPILE_MIN_TILES) is True and resolve_compile("auto", cpu, COMPILE_MIN_TILES - 1) is False
+    assert resolve_compile("auto", cuda, 10**6) is False  # not measured on a GPU yet: eager there
+    assert resolve_compile(True, cpu, 1) is True and resolve_compile("max-autotune", cpu, 1) == "max-autotune"
+
+
+def test_an_actor_compiles_once_its_slide_or_its_run_reaches_the_threshold(batch, monkeypatch):
+    """``--compile auto`` in a Ray actor: eager for small slides, compiled from the call where this slide, or all the
+    actor has run, reaches COMPILE_MIN_TILES; each predictor compiles once (torch.compile recorded, not run)."""
+    from pipeline.inference import predict, tile_batches
+
+    model, grid, windows, reference = batch
+    compiled = []
+    monkeypatch.setattr(predict, "COMPILE_MIN_TILES", 6)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+    actor = tile_batches.ShardActor(model, 64, "cpu", None, False, "auto", 4, 0)  # 0: leave torch's threads alone
+    small = type("Plan", (), {"tiles_to_run": 4})()
+    shard = grid.shard(0, 0)  # shard_tiles 1: one tile
+    for _ in range(6):
+        actor._before(small, shard)
+    assert not compiled and actor.predictor.compile is False
+    actor._before(small, shard)  # the 7th tile: the actor has run 6
+    assert compiled == [{"mode": None, "options": {"freezing": True}, "dynamic": False}]
+    big = tile_batches.ShardActor(model, 64, "cpu", None, False, "auto", 4, 0)
+    big._before(type("Plan", (), {"tiles_to_run": 6})(), shard)
+    assert len(compiled) == 2 and big.predictor.compile is True
+    assert np.abs(big.predictor(windows, return_logits=True)["logits"] - reference["logits"]).max() <= 1e-4
+
+
+def test_a_compile_that_fails_goes_on_eagerly_when_asked_to(batch, monkeypatch, caplog):
+    """No C++ compiler on a user's machine must not fail a ``--compile auto`` run: one warning, eager results;
+    an explicit compile still raises."""
+    model, grid, windows, reference = batch
+
+    def broken(*_):
+        raise RuntimeError("InductorError: no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
+    predictor = TilePredictor.for_grid(model, grid, device="cpu", batch_size=4)
+    predictor.start_compiling(True, eager_if_it_fails=True)
+    out = predictor(windows, return_logits=True)
+    assert np.array_equal(out["labels"], reference["labels"]) and predictor.compile is False
+    assert "torch.compile failed, running eagerly" in caplog.text and "no C++ compiler" in caplog.text
+    strict = TilePredictor.for_grid(model, grid, device="cpu", batch_size=4, compile=True)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        strict(windows)
 
 
 def test_amp_and_device_choices():

@@ -24,7 +24,7 @@ from pipeline.analysis.instances import InstanceRule
 from pipeline.slides.geometry import Shard, TileGrid, default_shard_tiles, tile_grid_for_model
 from pipeline.inference.predict import TilePredictor
 from pipeline.inference.tile_batches import (
-    TileProgress, predict_shard, read_shard, tiled_region_logits, write_shard,
+    TileProgress, compile_when_it_pays, predict_shard, read_shard, tiled_region_logits, write_shard,
 )  # fmt: skip
 from pipeline.slides.resolution import implausible_mpp, open_for_segmentation
 from pipeline.slides.pyramid import open_slide
@@ -340,7 +340,9 @@ def run_tiles(plan: SlidePlan, model: torch.nn.Module, batch_size: int, *, devic
     as the Ray actors: shards are read ahead and written behind in threads (:func:`engine_threads`), so the
     model never waits for either; raises at the first failure; returns the seconds spent in the model."""
     predictor = TilePredictor.for_grid(model, plan.grid, device=device, amp=amp, probabilities=plan.probabilities,
-                                       compile=compile, batch_size=batch_size, forward_tiles=forward_tiles)  # fmt: skip
+                                       compile=False if compile == "auto" else compile, batch_size=batch_size,
+                                       forward_tiles=forward_tiles)  # fmt: skip
+    compile_when_it_pays(predictor, compile, plan.tiles_to_run)
     bar = TileProgress(plan, progress)
     done = 0
     blocks = ShardBlocks(plan.slide, plan.grid) if plan.shards else None

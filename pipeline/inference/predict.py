@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.slides.geometry import TileGrid
+from pipeline.text import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,20 @@ FORWARD_SIDE = 512
 def default_forward_tiles(tile_size: int) -> int:
     """Tiles per side of one forward window: as many as fit in :data:`FORWARD_SIDE` (at least one)."""
     return max(1, FORWARD_SIDE // tile_size)
+
+
+# ``--compile auto`` (the job's default): a CPU actor compiles once its work is known to reach this many tiles, about
+# two minutes of eager bf16 forward passes on this project's 2-core CPU, against a compile of 3-4 s with inductor's
+# on-disk cache warm (every job after the first on a machine) and ~24 s cold (docs/performance.md).
+COMPILE_MIN_TILES = 8192
+
+
+def resolve_compile(compile: bool | str, device: torch.device, tiles: int) -> bool | str:
+    """``"auto"``: True on a CPU once ``tiles`` (the work known so far) reaches :data:`COMPILE_MIN_TILES`, else
+    False (GPUs: not measured yet, so eager); anything else as given (True, False, a torch.compile mode)."""
+    if compile != "auto":
+        return compile
+    return device.type == "cpu" and tiles >= COMPILE_MIN_TILES
 
 
 def windows_per_batch(batch_size: int, tile_size: int, side: int) -> int:
@@ -110,17 +125,25 @@ class TilePredictor:
             if self.amp_dtype is None:  # float32 means float32: TF32 would keep 10 bits of each input's mantissa
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
-        self._forward = self._step
+        self._forward, self._eager_if_compile_fails = self._step, False
         if self.compile:
-            if self.batch_size is None:
-                raise ValueError("compile=True needs a fixed batch_size (batches are padded to it)")
-            mode = self.compile if isinstance(self.compile, str) else None
-            options = None
-            if self.compile is True and self.device.type == "cuda":
-                mode = "reduce-overhead"
-            elif self.compile is True:
-                options = {"freezing": True}  # weights as constants, prepacked for oneDNN: inductor's CPU inference setting
-            self._forward = torch.compile(self._step, mode=mode, options=options, dynamic=False)
+            self.start_compiling(self.compile)
+
+    def start_compiling(self, compile: bool | str = True, eager_if_it_fails: bool = False) -> None:
+        """Run the compiled step from the next call (``compile``: True or a torch.compile mode); each new window
+        shape compiles at its first call. ``eager_if_it_fails``: when compiling fails (no C++ compiler on the
+        machine, an op inductor cannot lower), log it and go on eagerly instead of failing the run."""
+        if compile == "auto" or self.batch_size is None:
+            raise ValueError("compiling needs compile=True or a torch.compile mode, and a fixed batch_size "
+                             "(batches are padded to it)")  # fmt: skip
+        mode = compile if isinstance(compile, str) else None
+        options = None
+        if compile is True and self.device.type == "cuda":
+            mode = "reduce-overhead"
+        elif compile is True:
+            options = {"freezing": True}  # weights as constants, prepacked for oneDNN: inductor's CPU inference setting
+        self.compile, self._eager_if_compile_fails = compile, eager_if_it_fails
+        self._forward = torch.compile(self._step, mode=mode, options=options, dynamic=False)
 
     @classmethod
     def for_grid(cls, model: torch.nn.Module, grid: TileGrid, **options) -> "TilePredictor":
@@ -153,7 +176,14 @@ class TilePredictor:
             pad = torch.zeros((pad_to - count, *batch.shape[1:]), dtype=batch.dtype)
             batch = torch.cat([batch, pad])
         batch = batch.to(self.device, non_blocking=True)
-        outputs = self._forward(batch)
+        try:
+            outputs = self._forward(batch)
+        except Exception as error:
+            if not (self.compile and self._eager_if_compile_fails):
+                raise
+            logger.warning("torch.compile failed, running eagerly: %s", one_line(error))
+            self._forward, self.compile = self._step, False
+            outputs = self._step(batch)
         result = {"labels": outputs[0][:count].cpu().numpy()}
         if self.probabilities:
             result["probabilities"] = outputs[2][:count].cpu().numpy()

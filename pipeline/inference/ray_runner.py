@@ -39,7 +39,8 @@ class RayOptions:
     actors on CPU (fractions share a GPU); ``cpus_per_actor``: CPUs (and torch threads on CPU) per actor;
     ``batch_size``: tiles per forward pass; ``forward_tiles``: tiles per side of one forward window (None: as many
     as make 512 px, see :func:`~pipeline.slides.geometry.forward_windows`); ``amp``: None/"off", "auto", "bf16",
-    "fp16" (see TilePredictor);
+    "fp16" (see TilePredictor); ``compile``: False, True, or "auto" (compile CPU actors once a slide, or an actor's
+    run, reaches :data:`~pipeline.inference.predict.COMPILE_MIN_TILES` tiles);
     ``read_tasks``: read and write shards in CPU tasks of their own (None: on GPU actors only; CPU actors
     read and write beside their forward pass); ``lookahead``: slides planned ahead of the model (None:
     2 per actor + 2); ``threads_per_actor``: torch threads of a CPU actor (None: its node's cores shared by
@@ -51,7 +52,7 @@ class RayOptions:
     batch_size: int = 4
     forward_tiles: int | None = None
     amp: str | None = None
-    compile: bool = False
+    compile: bool | str = False
     progress: bool = True
     read_tasks: bool | None = None
     lookahead: int | None = None
@@ -71,6 +72,8 @@ class RayOptions:
         if self.lookahead is not None and self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         resolve_amp(self.amp, torch.device(self.device))  # reject a bad amp here, not in every actor
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {self.compile!r}")
 
     @property
     def device(self) -> str:

@@ -10,6 +10,7 @@ exactness checks use :func:`tiled_region_logits`, the same windows and predictor
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 import time
@@ -21,11 +22,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline.inference.predict import TilePredictor, windows_per_batch
+from pipeline.inference.predict import TilePredictor, resolve_compile, windows_per_batch
 from pipeline.slides.geometry import ForwardWindow, Shard, TileGrid, forward_windows, tile_grid_for_model
 from pipeline.slides.shard_blocks import ShardBlocks
 from pipeline.slides.sources import read_window
 from pipeline.text import one_line
+
+logger = logging.getLogger(__name__)
 
 
 def window_of(slide: Any, grid: TileGrid, tile: Any) -> np.ndarray:
@@ -168,6 +171,17 @@ class ShardOutcome:
     error: str | None = None
 
 
+def compile_when_it_pays(predictor: TilePredictor, setting: bool | str, tiles: int) -> bool | str:
+    """``--compile auto``: start compiling ``predictor`` once the work known so far (``tiles``) makes it pay
+    (:func:`~pipeline.inference.predict.resolve_compile`), going on eagerly if compiling fails. Returns the
+    setting for the next call: ``"started"`` once started, so a failed compile is not tried again."""
+    if setting == "auto" and resolve_compile("auto", predictor.device, tiles):
+        logger.info("compiling the model (torch.compile): %d tiles of work ahead", tiles)
+        predictor.start_compiling(True, eager_if_it_fails=True)
+        return "started"
+    return setting
+
+
 SHARDS_IN_FLIGHT = 2  # calls per CPU actor: one reading or writing while the other is in the forward pass
 
 
@@ -184,11 +198,19 @@ class ShardActor:
             torch.set_num_threads(threads)  # process-wide: the call threads pick it up at their first op
         grid = tile_grid_for_model(model, (tile_size, tile_size), tile_size)  # the geometry every slide shares
         self.predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, probabilities=probabilities,
-                                                compile=compile, batch_size=batch_size,
+                                                compile=False if compile == "auto" else compile, batch_size=batch_size,
                                                 forward_tiles=forward_tiles)  # fmt: skip
         self.batch_size, self.forward_lock = batch_size, threading.Lock()
+        self.compile, self.tiles_run = compile, 0
+
+    def _before(self, plan: Any, shard: Shard) -> None:
+        """Count the work: ``--compile auto`` compiles when this slide, or all this actor has run, is big enough."""
+        with self.forward_lock:
+            self.compile = compile_when_it_pays(self.predictor, self.compile, max(plan.tiles_to_run, self.tiles_run))
+            self.tiles_run += len(shard.tiles)
 
     def run(self, plan: Any, shard: Shard) -> ShardOutcome:
+        self._before(plan, shard)
         try:
             output = run_shard(plan, shard, self.predictor, self.batch_size, self.forward_lock)
         except Exception as error:  # a bad read or a failed write fails this shard (and its slide) alone
@@ -196,6 +218,7 @@ class ShardActor:
         return ShardOutcome(output.tiles, output.model_seconds)
 
     def predict(self, plan: Any, shard: Shard, block: ShardInput) -> ShardOutput:
+        self._before(plan, shard)
         return predict_shard(self.predictor, plan, shard, block, self.batch_size, self.forward_lock)
 
 
