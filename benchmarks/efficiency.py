@@ -222,7 +222,7 @@ def precision_name(amp: str | None, device: str) -> str:
 
 def run(slide: Path, model, workdir: Path, *, tile_size: int, batch_size: int, actors: int, forward_seconds: float,
         layouts: list[str] | None = None, amp: str | None = "auto",
-        reads: tuple[str, ...] = ("native",), compile: bool | str = "auto",
+        reads: tuple[str, ...] = ("native",), compile: bool | str = False,
         forward_tiles: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Each layout, with native reads and/or ``"resampled"`` ones (segmented at twice the slide's µm/px)."""
     import os

@@ -73,9 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "2026-12-02)")
     add("--amp", choices=("auto", "bf16", "off"), default="auto",
         help="precision of the efficiency and peer runs, as the job's --amp (default auto: bf16 where the CPU has it)")
-    add("--compile", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
-        help="the efficiency runs' --compile, as the job's (default auto: compiled on CPU for slides of 8192 tiles "
-        "or more; the bare forward follows what it comes to for the slide)")
+    add("--compile", nargs="?", const="on", choices=("auto", "on", "off"), default="off",
+        help="the efficiency runs' --compile, as the job's (default off; auto: compiled on CPU for slides of 8192 "
+        "tiles or more); the bare forward follows what it comes to for the slide")
     add("--efficiency-reads", nargs="+", choices=("native", "resampled"), default=["native", "resampled"],
         help="efficiency runs reading the slide natively and/or resampled by 2 (default: both)")
     add("--peer-size", type=int, default=None, help="side of the in-memory image of the peer comparison (2048)")

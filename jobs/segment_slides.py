@@ -85,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
         help="precision, the same on CPU and GPU: auto = bf16 where the device has it natively (GPUs; CPUs with "
         "AVX-512 BF16 or AMX), float32 elsewhere; off = float32, the exact mode; bf16/fp16 = that (default: %(default)s)")
-    add("--compile", nargs="?", const="on", choices=("auto", "on", "off"), default="auto",
-        help="torch.compile the model in each actor: auto = on CPUs once a slide (or an actor's run) has 8192 tiles "
-        "to run, where the compile (3-4 s, ~24 s the first time on a machine) pays for itself; on (also: --compile "
-        "alone) = always; off = never (default: %(default)s)")
+    add("--compile", nargs="?", const="on", choices=("auto", "on", "off"), default="off",
+        help="torch.compile the model in each actor: on (also: --compile alone) = always; auto = on CPUs once a slide "
+        "(or an actor's run) has 8192 tiles to run, so the compile (3-4 s, ~24 s the first time on a machine) is "
+        "small beside the forward; off = never. The compiled forward is 1.2-1.5x the eager one alone, but not "
+        "measurably faster end to end on a 2-core machine (docs/performance.md) (default: %(default)s)")
     add("--read-tasks", choices=("auto", "on", "off"), default="auto",
         help="read tile windows in CPU tasks of their own (on) or inside the model actors (off); auto = on for GPU "
         "actors, off for CPU actors, which then read beside their forward pass (default: %(default)s)")
@@ -152,8 +153,8 @@ def options_from(args: argparse.Namespace, model: Any):
     )  # fmt: skip
     options = RayOptions(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size, amp=None if args.amp == "off" else args.amp, compile={"auto": "auto", "on": True, "off": False}[args.compile],
-        forward_tiles=args.forward_tiles, threads_per_actor=args.threads_per_actor,
+        batch_size=args.batch_size, amp=None if args.amp == "off" else args.amp,
+        compile={"auto": "auto", "on": True, "off": False}[args.compile], forward_tiles=args.forward_tiles, threads_per_actor=args.threads_per_actor,
         progress=not args.no_progress, read_tasks={"auto": None, "on": True, "off": False}[args.read_tasks],
     )  # fmt: skip
     return config, options

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import assert_same_results, run_job, shared_file, torch_threads, varied_unet
+from conftest import SEGMENT_SLIDES, assert_same_results, run_job, shared_file, torch_threads, varied_unet
 from pipeline.inference.report import read_run_report
 from pipeline.inference.engine import plan_slide, run_tiles, segment_slide
 from pipeline.inference.ray_runner import RayOptions
@@ -302,6 +302,24 @@ def test_cli_help_mentions_every_option():
                    "--amp", "--compile", "--read-tasks", "--probabilities", "--overwrite", "resumes", "--address",
                    "--no-tissue-mask", "--tissue-mask", "--num-cpus", "bf16", "fp16", "off"):  # fmt: skip
         assert option in done.stdout, option
+
+
+def test_cli_compile_and_forward_tiles_reach_the_actors_options():
+    """``--compile`` alone means on, ``auto`` stays a policy for the actors, off is the default; ``--forward-tiles``
+    and bad values of both are refused before any slide is touched."""
+    sys.path.insert(0, str(SEGMENT_SLIDES.parent))
+    import segment_slides
+
+    parser, model = segment_slides.build_parser(), varied_unet()
+    options = {args: segment_slides.options_from(parser.parse_args(["s.svs", "--out", "o", *args]), model)[1]
+               for args in [(), ("--compile",), ("--compile", "auto"), ("--forward-tiles", "1")]}  # fmt: skip
+    assert options[()].compile is False and options[()].forward_tiles is None
+    assert options[("--compile",)].compile is True and options[("--compile", "auto")].compile == "auto"
+    assert options[("--forward-tiles", "1")].forward_tiles == 1
+    with pytest.raises(ValueError, match="forward_tiles"):
+        RayOptions(forward_tiles=0)
+    with pytest.raises(ValueError, match="compile"):
+        RayOptions(compile="sometimes")
 
 
 @pytest.mark.slow

@@ -35,9 +35,9 @@ def default_forward_tiles(tile_size: int) -> int:
     return max(1, FORWARD_SIDE // tile_size)
 
 
-# ``--compile auto`` (the job's default): a CPU actor compiles once its work is known to reach this many tiles, about
-# two minutes of eager bf16 forward passes on this project's 2-core CPU, against a compile of 3-4 s with inductor's
-# on-disk cache warm (every job after the first on a machine) and ~24 s cold (docs/performance.md).
+# ``--compile auto``: a CPU actor compiles once its work is known to reach this many tiles, about two minutes of eager
+# bf16 forward passes on this project's 2-core CPU, against a compile of 3-4 s with inductor's on-disk cache warm
+# (every job after the first on a machine) and ~24 s cold (docs/performance.md).
 COMPILE_MIN_TILES = 8192
 
 
