@@ -72,8 +72,9 @@ def bare_forward(model, grid, windows: list[np.ndarray], threads: int, seconds: 
     if device == "cpu":
         torch.set_num_threads(threads)
     try:
+        tiles_per_batch = len(windows[0]) * ((windows[0].shape[1] - grid.reach) // grid.tile_size) ** 2
         predictor = TilePredictor.for_grid(model, grid, device=device, amp=amp, compile=compile,
-                                           batch_size=len(windows[0]))  # fmt: skip
+                                           batch_size=tiles_per_batch)  # fmt: skip
         state = {"i": 0}
 
         def step() -> int:

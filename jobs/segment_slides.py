@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a few MB) or 'full' (the segmented level pixel for pixel and its halvings: sharp when zoomed in, a "
         "compressed copy of the slide) (default: %(default)s)")
     add("--batch-size", type=int, default=4, metavar="B",
-        help="tiles per forward pass on each actor (default: %(default)s)")
+        help="tiles per forward pass on each actor; a window of 2 x 2 tiles counts 4 (default: %(default)s)")
     add("--forward-tiles", type=int, default=None, metavar="K",
         help="run blocks of K x K tiles as one forward window where the tiles to run fill them: less halo computed "
-        "twice, the same output (default: as many as make 512 px, 2 for tiles of 256; 1 = every tile alone)")
+        "twice, the same output up to float rounding (default: as many as make 512 px, 2 for tiles of 256; 1 = "
+        "every tile alone)")
     add("--actors", type=int, default=1, metavar="N",
         help="model actors, each holding one copy of the model (default: %(default)s)")
     add("--gpus-per-actor", type=float, default=0.0, metavar="G",

@@ -74,10 +74,12 @@ def test_compile_auto_compiles_cpu_work_of_enough_tiles_only():
     assert resolve_compile(True, cpu, 1) is True and resolve_compile("max-autotune", cpu, 1) == "max-autotune"
 
 
-def test_an_actor_compiles_once_its_slide_or_its_run_reaches_the_threshold(batch, monkeypatch):
+def test_an_actor_compiles_once_its_slide_or_its_run_reaches_the_threshold(batch, monkeypatch, tmp_path):
     """``--compile auto`` in a Ray actor: eager for small slides, compiled from the call where this slide, or all the
     actor has run, reaches COMPILE_MIN_TILES; each predictor compiles once (torch.compile recorded, not run)."""
     from pipeline.inference import predict, tile_batches
+    from pipeline.inference.engine import plan_slide
+    from pipeline.inference.ray_runner import without_shards
 
     model, grid, windows, reference = batch
     compiled = []
@@ -92,7 +94,9 @@ def test_an_actor_compiles_once_its_slide_or_its_run_reaches_the_threshold(batch
     actor._before(small, shard)  # the 7th tile: the actor has run 6
     assert compiled == [{"mode": None, "options": {"freezing": True}, "dynamic": False}]
     big = tile_batches.ShardActor(model, 64, "cpu", None, False, "auto", 4, 0)
-    big._before(type("Plan", (), {"tiles_to_run": 6})(), shard)
+    plan = plan_slide(random_image(200, 200), tmp_path / "big.zarr", model, tile_size=64, shard_tiles=2)
+    assert plan.tiles_to_run == 16 and without_shards(plan).tiles_to_run == 16  # what a Ray actor's copy says
+    big._before(without_shards(plan), plan.shards[0])
     assert len(compiled) == 2 and big.predictor.compile is True
     assert np.abs(big.predictor(windows, return_logits=True)["logits"] - reference["logits"]).max() <= 1e-4
 

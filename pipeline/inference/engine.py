@@ -55,9 +55,12 @@ class SlidePlan:
     complete: bool = False  # the store was already complete before this run: nothing to do, kept as it is
     probabilities: bool = False  # the store has probabilities/0: the predictor makes them, write_tile writes them
     model_checksum: str = ""  # the model the grid and the store were made for (unet.artifact.model_checksum)
+    tiles_unlisted: int | None = None  # the tiles to run when the shards' list was left out (the Ray tasks' copy)
 
     @property
     def tiles_to_run(self) -> int:
+        if self.tiles_unlisted is not None:
+            return self.tiles_unlisted
         return sum(len(shard.tiles) for shard in self.shards)
 
     @property

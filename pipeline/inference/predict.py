@@ -181,9 +181,9 @@ class TilePredictor:
         except Exception as error:
             if not (self.compile and self._eager_if_compile_fails):
                 raise
+            outputs = self._step(batch)  # an error of the step itself raises here again, compile kept
             logger.warning("torch.compile failed, running eagerly: %s", one_line(error))
             self._forward, self.compile = self._step, False
-            outputs = self._step(batch)
         result = {"labels": outputs[0][:count].cpu().numpy()}
         if self.probabilities:
             result["probabilities"] = outputs[2][:count].cpu().numpy()

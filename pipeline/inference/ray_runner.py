@@ -193,5 +193,6 @@ def ray_pieces(options: RayOptions) -> dict[str, Any]:
 
 
 def without_shards(plan: SlidePlan) -> SlidePlan:
-    """The plan as tasks get it: its facts, not its list of shards (each task names its own)."""
-    return replace(plan, shards=[])
+    """The plan as tasks get it: its facts, not its list of shards (each task names its own); it still says how
+    many tiles the slide has to run (``--compile auto`` decides by it)."""
+    return replace(plan, shards=[], tiles_unlisted=plan.tiles_to_run)

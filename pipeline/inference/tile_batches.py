@@ -193,7 +193,7 @@ class ShardActor:
     one at a time, so the model's threads are never shared. GPU actors only predict (:meth:`predict`)."""
 
     def __init__(self, model: Any, tile_size: int, device: str, amp: str | None, probabilities: bool,
-                 compile: bool, batch_size: int, threads: int, forward_tiles: int | None = None) -> None:  # fmt: skip
+                 compile: bool | str, batch_size: int, threads: int, forward_tiles: int | None = None) -> None:  # fmt: skip
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)  # process-wide: the call threads pick it up at their first op
         grid = tile_grid_for_model(model, (tile_size, tile_size), tile_size)  # the geometry every slide shares

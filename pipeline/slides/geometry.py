@@ -5,7 +5,8 @@ Invariants that make the tiled mosaic equal to one pass over the whole mirror-pa
   * each tile's input is its output window grown by the model's ``halo`` on every side;
   * tile origins are multiples of the tile size, itself a multiple of ``alignment`` (2**depth), so every
     input window starts on the pooling grid of the slide padded by ``halo``;
-  * every window has the same shape (edge tiles are computed full size and cropped to the slide);
+  * every tile's window has the same shape (edge tiles are computed full size and cropped to the slide); a
+    forward window of k x k tiles is the same construction for an output k times as wide;
   * pixels outside the slide are numpy ``"symmetric"`` mirror images (:func:`symmetric_index`).
 """
 
@@ -38,7 +39,7 @@ class Tile:
 class TileGrid:
     """How a slide of ``shape`` is cut into tiles for a model with ``halo`` and ``alignment``.
 
-    ``input_size`` is the side of every input window; the model's output for it is at least
+    ``input_size`` is the side of every tile's input window; the model's output for it is at least
     ``tile_size``; the tile's valid centre is ``output[crop : crop + tile_size]`` on both axes.
     """
 
