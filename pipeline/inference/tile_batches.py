@@ -98,6 +98,13 @@ class ShardOutput:
     tiles: int
 
 
+def tile_parts(window: ForwardWindow) -> Iterator[tuple[Any, tuple[slice, slice]]]:
+    """Each tile of ``window`` with where its valid pixels lie in the window's output (rows, columns)."""
+    for tile in window.tiles:
+        oy, ox = tile.y - window.y, tile.x - window.x
+        yield tile, (slice(oy, oy + tile.height), slice(ox, ox + tile.width))
+
+
 def forward_batches(windows: list[ForwardWindow], tile_size: int, batch_size: int) -> Iterator[list[ForwardWindow]]:
     """Batches of windows of one side, each of at most ``batch_size`` tiles' pixels (at least one window)."""
     for side in sorted({w.side for w in windows}, reverse=True):
@@ -133,13 +140,12 @@ def predict_shard(predictor: Any, plan: Any, shard: Shard, block: ShardInput, ba
         if plan.probabilities and probabilities is None:
             probabilities = np.zeros((output["probabilities"].shape[1], y1 - y0, x1 - x0), dtype=np.uint8)
         for k, window in enumerate(batch):
-            for tile in window.tiles:
-                (ty, tx, tyy, txx), oy, ox = tile.box, tile.y - window.y, tile.x - window.x
-                labels[ty - y0 : tyy - y0, tx - x0 : txx - x0] = \
-                    output["labels"][k][oy : oy + tile.height, ox : ox + tile.width]  # fmt: skip
+            for tile, part in tile_parts(window):
+                ty, tx, tyy, txx = tile.box
+                labels[ty - y0 : tyy - y0, tx - x0 : txx - x0] = output["labels"][k][part]
                 if probabilities is not None:
                     probabilities[:, ty - y0 : tyy - y0, tx - x0 : txx - x0] = \
-                        output["probabilities"][k][:, oy : oy + tile.height, ox : ox + tile.width]  # fmt: skip
+                        output["probabilities"][k][(slice(None), *part)]  # fmt: skip
     return ShardOutput(labels, probabilities, model_seconds, len(shard.tiles))
 
 
@@ -250,9 +256,9 @@ def tiled_region_logits(image: Any, grid: TileGrid, predictor: Any, origin: tupl
         if mosaic is None:
             mosaic = np.zeros((logits.shape[1], *grid.shape), dtype=np.float32)
         for k, window in enumerate(batch):
-            for tile in window.tiles:
-                (y0, x0, y1, x1), oy, ox = tile.box, tile.y - window.y, tile.x - window.x
-                mosaic[:, y0:y1, x0:x1] = logits[k][:, oy : oy + tile.height, ox : ox + tile.width]
+            for tile, part in tile_parts(window):
+                y0, x0, y1, x1 = tile.box
+                mosaic[:, y0:y1, x0:x1] = logits[k][(slice(None), *part)]
     return mosaic
 
 
